@@ -1,0 +1,42 @@
+"""ecanfnet: the ECA-NFNet-L0 image classifier in PyTorch, with its checkpoints, preprocessing and CLI."""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+# Public name -> module; resolved on first use so `ecanfnet --help` does not import torch.
+_EXPORTS = {
+    "create_model": "weights",
+    "save_pretrained": "weights",
+    "resolve_weights": "weights",
+    "load_checkpoint": "weights",
+    "WeightsError": "weights",
+    "ECANFNet": "model",
+    "NFNetConfig": "model",
+    "CONFIGS": "model",
+    "build_model": "model",
+    "eval_transform": "transforms",
+    "load_image": "transforms",
+    "ImageLoadError": "transforms",
+    "Classifier": "inference",
+    "Prediction": "inference",
+    "ImageResult": "inference",
+    "imagenet_labels": "labels",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ecanfnet' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,164 @@
+"""Classifying image files: path expansion, parallel decoding, batched inference, top-k results."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from PIL import Image
+
+from .labels import label_names_for
+from .model import ECANFNet
+from .transforms import MAX_IMAGE_PIXELS, ImageLoadError, eval_transform, is_image_file, load_image
+from .weights import WeightsSource, create_model
+
+
+@dataclass
+class Prediction:
+    """One class of a top-k list: output index, readable label and softmax probability."""
+
+    index: int
+    label: str
+    score: float
+
+
+@dataclass
+class ImageResult:
+    """The outcome for one path: its predictions, or the reason it could not be classified."""
+
+    path: str
+    predictions: list[Prediction] | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the image was classified."""
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-lines form: {"path", "predictions": [...]} or {"path", "error"}."""
+        if self.error is not None:
+            return {"path": self.path, "error": self.error}
+        return {"path": self.path, "predictions": [asdict(p) for p in self.predictions or []]}
+
+
+def find_images(args: Iterable[str]) -> tuple[list[str], list[ImageResult]]:
+    """Expand files, folders (recursively, image extensions only) and globs into image paths.
+
+    Returns the paths in a stable order and an error result for each argument that matched nothing.
+    """
+    found: dict[str, None] = {}
+    problems: list[ImageResult] = []
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir():
+            matches = _images_under(path)
+            if not matches:
+                problems.append(ImageResult(arg, error=f"{arg}: no image files in this folder"))
+        elif path.exists():
+            matches = [arg]
+        elif glob.has_magic(arg):
+            matches = []
+            for hit in sorted(glob.glob(arg, recursive=True)):
+                matches += _images_under(Path(hit)) if Path(hit).is_dir() else [hit]
+            if not matches:
+                problems.append(ImageResult(arg, error=f"{arg}: no file matches this pattern"))
+        else:
+            problems.append(ImageResult(arg, error=f"{arg}: no such file or folder"))
+            matches = []
+        found.update(dict.fromkeys(matches))
+    return list(found), problems
+
+
+def _images_under(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+
+
+def _prefetch(items: list[str], fn: Callable[[str], Any], workers: int, window: int) -> Iterator[tuple[str, Future]]:
+    """Run fn over items in a thread pool, at most `window` ahead of the consumer, yielding in order."""
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ecanfnet-decode") as pool:
+        pending: deque[tuple[str, Future]] = deque()
+        it = iter(items)
+        for item in it:
+            pending.append((item, pool.submit(fn, item)))
+            if len(pending) >= window:
+                break
+        while pending:
+            item, fut = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(fn, nxt)))
+            yield item, fut
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Classifier:
+    """A model plus the preprocessing and labels its checkpoint carries."""
+
+    def __init__(self, model: ECANFNet, device: str | torch.device | None = None) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = model.eval().to(self.device)
+        self.transform = eval_transform(model.pretrained_cfg)
+        self.labels = label_names_for(model.pretrained_cfg, model.num_classes)
+
+    @classmethod
+    def from_pretrained(cls, weights: WeightsSource | None = None,
+                        device: str | torch.device | None = None) -> "Classifier":
+        """Load a classifier from any weights source (default: the published hub checkpoint)."""
+        return cls(create_model(pretrained=weights if weights is not None else True), device)
+
+    @torch.inference_mode()
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """Softmax class probabilities for a preprocessed (B, 3, H, W) batch."""
+        return self.model(batch.to(self.device)).float().softmax(dim=-1).cpu()
+
+    def top_k(self, probs: torch.Tensor, k: int = 5) -> list[list[Prediction]]:
+        """The k most probable classes of each row, highest first."""
+        scores, indices = probs.topk(min(k, probs.shape[-1]), dim=-1)
+        return [[Prediction(int(i), self.labels[int(i)], float(s)) for s, i in zip(srow, irow)]
+                for srow, irow in zip(scores.tolist(), indices.tolist())]
+
+    def classify(self, images: list[Image.Image], top_k: int = 5) -> list[list[Prediction]]:
+        """Top-k predictions for PIL images (any mode; converted to RGB)."""
+        from .transforms import to_rgb
+
+        batch = torch.stack([self.transform(to_rgb(img)) for img in images])
+        return self.top_k(self.probabilities(batch), top_k)
+
+    def predict_files(self, paths: list[str], top_k: int = 5, batch_size: int = 16,
+                      workers: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[ImageResult]:
+        """Classify image files in batches, decoding ahead in worker threads; yields one result per path, in order.
+
+        A file that cannot be read yields an error result and the batch goes on without it.
+        """
+        workers = workers or min(8, os.cpu_count() or 1)
+        decode = lambda p: self.transform(load_image(p, max_pixels))  # noqa: E731
+        waiting: list[tuple[str, torch.Tensor | None, str | None]] = []
+        for path, fut in _prefetch(paths, decode, workers, window=max(2 * batch_size, 2 * workers)):
+            try:
+                waiting.append((path, fut.result(), None))
+            except ImageLoadError as exc:
+                waiting.append((path, None, str(exc)))
+            except Exception as exc:  # noqa: BLE001 - one odd file must not stop the batch
+                waiting.append((path, None, f"{path}: {type(exc).__name__}: {exc}"))
+            if sum(t is not None for _, t, _ in waiting) >= batch_size:
+                yield from self._run_batch(waiting, top_k)
+                waiting = []
+        if waiting:
+            yield from self._run_batch(waiting, top_k)
+
+    def _run_batch(self, items: list[tuple[str, torch.Tensor | None, str | None]], top_k: int) -> Iterator[ImageResult]:
+        tensors = [t for _, t, _ in items if t is not None]
+        preds = iter(self.top_k(self.probabilities(torch.stack(tensors)), top_k) if tensors else [])
+        for path, tensor, error in items:
+            yield ImageResult(path, error=error) if tensor is None else ImageResult(path, next(preds))

@@ -1,0 +1,279 @@
+"""The ECA-NFNet network: config, building blocks and builder, top to bottom.
+
+A normalization-free ResNet: every convolution standardizes its own weight (zero mean,
+unit variance per output channel, then a learned gain), and each residual block scales its
+input by ``beta = 1/sqrt(expected variance)`` and its branch by ``alpha`` so the signal
+variance stays predictable without batch statistics. State-dict keys match timm's, so the
+published checkpoints load strictly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Gain that keeps unit variance through SiLU for a unit-Gaussian input (NFNet paper).
+SILU_GAMMA = 1.7881293296813965
+
+
+@dataclass(frozen=True)
+class NFNetConfig:
+    """Everything that decides the shape of an ECA-NFNet."""
+
+    depths: tuple[int, ...] = (1, 2, 6, 3)
+    channels: tuple[int, ...] = (256, 512, 1536, 1536)
+    strides: tuple[int, ...] = (1, 2, 2, 2)
+    stem_channels: int = 128
+    bottleneck_ratio: float = 0.25
+    group_size: int = 64
+    feat_mult: float = 1.5
+    alpha: float = 0.2
+    attn_gain: float = 2.0
+    std_conv_eps: float = 1e-5
+    in_chans: int = 3
+
+    @property
+    def num_features(self) -> int:
+        """Width of the final 1x1 conv, i.e. of the pooled embedding."""
+        return int(self.channels[-1] * self.feat_mult)
+
+
+CONFIGS: dict[str, NFNetConfig] = {
+    "eca_nfnet_l0": NFNetConfig(depths=(1, 2, 6, 3), feat_mult=1.5),
+    "eca_nfnet_l1": NFNetConfig(depths=(2, 4, 12, 6), feat_mult=2.0),
+    "eca_nfnet_l2": NFNetConfig(depths=(3, 6, 18, 9), feat_mult=2.0),
+    "eca_nfnet_l3": NFNetConfig(depths=(4, 8, 24, 12), feat_mult=2.0),
+}
+
+
+def default_pretrained_cfg(num_classes: int = 1000) -> dict[str, Any]:
+    """Preprocessing and layout metadata of the ra2_in1k checkpoints (SPEC, hub layout)."""
+    return {
+        "input_size": [3, 224, 224],
+        "test_input_size": [3, 288, 288],
+        "interpolation": "bicubic",
+        "crop_pct": 0.9,
+        "test_crop_pct": 1.0,
+        "crop_mode": "center",
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "num_classes": num_classes,
+        "pool_size": [7, 7],
+        "first_conv": "stem.conv1",
+        "classifier": "head.fc",
+        "license": "apache-2.0",
+    }
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """Conv2d whose weight is standardized per output channel, then scaled by gain * gamma / sqrt(fan_in)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1,
+                 groups: int = 1, eps: float = 1e-5, gamma: float = SILU_GAMMA) -> None:
+        padding = ((stride - 1) + (kernel_size - 1)) // 2
+        super().__init__(in_ch, out_ch, kernel_size, stride=stride, padding=padding, groups=groups, bias=True)
+        self.gain = nn.Parameter(torch.ones(out_ch, 1, 1, 1))
+        self.eps = eps
+        self.scale = gamma * self.weight[0].numel() ** -0.5
+
+    def standardized_weight(self) -> torch.Tensor:
+        """The weight actually convolved with: gain * scale * (W - mean) / sqrt(var + eps)."""
+        var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return (self.weight - mean) * (self.gain * self.scale * torch.rsqrt(var + self.eps))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def eca_kernel_size(channels: int) -> int:
+    """ECA's adaptive 1-D kernel size: odd, at least 3, growing with log2(channels)."""
+    t = int(abs(math.log2(channels) + 1) / 2)
+    return max(t if t % 2 else t + 1, 3)
+
+
+class EfficientChannelAttention(nn.Module):
+    """Reweights channels by a sigmoid of a 1-D conv across the channel means."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        k = eca_kernel_size(channels)
+        self.conv = nn.Conv1d(1, 1, kernel_size=k, padding=(k - 1) // 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.mean(dim=(2, 3)).unsqueeze(1)                     # (B, 1, C)
+        y = torch.sigmoid(self.conv(y)).transpose(1, 2)       # (B, C, 1)
+        return x * y.unsqueeze(-1)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero a sample's residual branch with probability p while training."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Downsample(nn.Module):
+    """Shortcut projection: 2x2 average pool when striding, then a 1x1 standardized conv."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, eps: float) -> None:
+        super().__init__()
+        if stride > 1:
+            self.pool: nn.Module = nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)
+        else:
+            self.pool = nn.Identity()
+        self.conv = ScaledStdConv2d(in_ch, out_ch, 1, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pool(x))
+
+
+class NFBlock(nn.Module):
+    """Pre-activation bottleneck with an extra grouped 3x3, ECA on the output, and NF scaling."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, alpha: float, beta: float,
+                 cfg: NFNetConfig, drop_path: float = 0.0) -> None:
+        super().__init__()
+        mid = int(out_ch * cfg.bottleneck_ratio)
+        groups = mid // cfg.group_size
+        eps = cfg.std_conv_eps
+        self.alpha, self.beta, self.attn_gain = alpha, beta, cfg.attn_gain
+        self.downsample = Downsample(in_ch, out_ch, stride, eps) if (in_ch != out_ch or stride != 1) else None
+        self.conv1 = ScaledStdConv2d(in_ch, mid, 1, eps=eps)
+        self.conv2 = ScaledStdConv2d(mid, mid, 3, stride=stride, groups=groups, eps=eps)
+        self.conv2b = ScaledStdConv2d(mid, mid, 3, groups=groups, eps=eps)
+        self.conv3 = ScaledStdConv2d(mid, out_ch, 1, eps=eps)
+        self.attn_last = EfficientChannelAttention(out_ch)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.silu(x) * self.beta
+        shortcut = self.downsample(out) if self.downsample is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.silu(out))
+        out = self.conv2b(F.silu(out))
+        out = self.conv3(F.silu(out))
+        out = self.attn_gain * self.attn_last(out)
+        out = self.drop_path(out)
+        return out * self.alpha + shortcut
+
+
+class Stem(nn.Module):
+    """Four 3x3 standardized convs (3->c/8 s2, ->c/4, ->c/2, ->c s2), SiLU between them."""
+
+    def __init__(self, in_ch: int, out_ch: int, eps: float) -> None:
+        super().__init__()
+        self.conv1 = ScaledStdConv2d(in_ch, out_ch // 8, 3, stride=2, eps=eps)
+        self.conv2 = ScaledStdConv2d(out_ch // 8, out_ch // 4, 3, eps=eps)
+        self.conv3 = ScaledStdConv2d(out_ch // 4, out_ch // 2, 3, eps=eps)
+        self.conv4 = ScaledStdConv2d(out_ch // 2, out_ch, 3, stride=2, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.conv1(x))
+        x = F.silu(self.conv2(x))
+        x = F.silu(self.conv3(x))
+        return self.conv4(x)
+
+
+class ClassifierHead(nn.Module):
+    """Global average pool, dropout, linear."""
+
+    def __init__(self, num_features: int, num_classes: int, drop_rate: float) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(drop_rate)
+        self.fc: nn.Module = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.drop(x.mean(dim=(2, 3)))
+        return x if pre_logits else self.fc(x)
+
+
+class ECANFNet(nn.Module):
+    """ECA-NFNet: stem, four stages of NF blocks, a widening 1x1 conv, and a linear classifier."""
+
+    def __init__(self, cfg: NFNetConfig, num_classes: int = 1000, drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, name: str = "eca_nfnet") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.name = name
+        self.num_classes = num_classes
+        self.num_features = cfg.num_features
+        self.drop_rate = drop_rate
+        self.pretrained_cfg: dict[str, Any] = default_pretrained_cfg(num_classes)
+        eps = cfg.std_conv_eps
+
+        self.stem = Stem(cfg.in_chans, cfg.stem_channels, eps)
+        path_rates = torch.linspace(0, drop_path_rate, sum(cfg.depths)).tolist()
+        stages, prev, expected_var, i = [], cfg.stem_channels, 1.0, 0
+        for depth, out_ch, stride in zip(cfg.depths, cfg.channels, cfg.strides):
+            blocks = []
+            for b in range(depth):
+                blocks.append(NFBlock(prev, out_ch, stride if b == 0 else 1, cfg.alpha,
+                                      expected_var ** -0.5, cfg, path_rates[i]))
+                if b == 0:
+                    expected_var = 1.0  # the first block's projection shortcut resets the variance
+                expected_var += cfg.alpha ** 2
+                prev, i = out_ch, i + 1
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.final_conv = ScaledStdConv2d(prev, self.num_features, 1, eps=eps)
+        self.head = ClassifierHead(self.num_features, num_classes, drop_rate)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """From-scratch init: every residual branch starts at zero (conv3.gain = 0)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="linear")
+                nn.init.zeros_(m.bias)
+            if isinstance(m, NFBlock):
+                nn.init.zeros_(m.conv3.gain)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image batch (B, 3, H, W) -> final feature map (B, num_features, H/32, W/32)."""
+        x = self.stages(self.stem(x))
+        return F.silu(self.final_conv(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Feature map -> logits, or the pooled embedding when pre_logits is True."""
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier with a freshly initialised one for num_classes (0: no classifier)."""
+        self.num_classes = num_classes
+        self.pretrained_cfg["num_classes"] = num_classes
+        self.pretrained_cfg.pop("label_names", None)
+        self.pretrained_cfg.pop("label_descriptions", None)
+        self.head = ClassifierHead(self.num_features, num_classes, self.drop_rate)
+        if isinstance(self.head.fc, nn.Linear):
+            nn.init.normal_(self.head.fc.weight, 0.0, 0.01)
+            nn.init.zeros_(self.head.fc.bias)
+
+
+def build_model(name: str = "eca_nfnet_l0", num_classes: int = 1000, drop_rate: float = 0.0,
+                drop_path_rate: float = 0.0) -> ECANFNet:
+    """Build a randomly initialised network by architecture name (see CONFIGS)."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(CONFIGS)}")
+    return ECANFNet(CONFIGS[name], num_classes, drop_rate, drop_path_rate, name=name)

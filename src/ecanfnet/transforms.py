@@ -1,0 +1,124 @@
+"""Reading images safely and the evaluation preprocessing the checkpoint's metadata asks for."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Refuse images over this many pixels before decoding them (PIL's own default bomb threshold,
+# about 9,459 x 9,459). A 16-bit RGBA image that size already decodes to ~700 MB.
+MAX_IMAGE_PIXELS = 89_478_485
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+                              ".ppm", ".pgm", ".pbm", ".pnm", ".jfif", ".ico"})
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+class ImageLoadError(ValueError):
+    """An image file could not be read; the message names the file and the reason."""
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open, fully decode and return an RGB image with its EXIF orientation applied.
+
+    Raises ImageLoadError naming the file for empty, truncated, unrecognised or oversized files.
+    """
+    name = os.fspath(path)
+    try:
+        if Path(name).stat().st_size == 0:
+            raise ImageLoadError(f"{name}: empty file (0 bytes)")
+        with Image.open(name) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageLoadError(_too_many_pixels(name, width, height, max_pixels))
+            img.load()
+            img = _apply_exif_orientation(img)
+            return to_rgb(img)
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(f"{name}: refused, {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageLoadError(f"{name}: not an image format PIL can read") from exc
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        raise ImageLoadError(f"{name}: cannot read the file ({exc.strerror or exc})") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # PIL signals corrupt data with these
+        raise ImageLoadError(f"{name}: truncated or corrupt image data ({exc})") from exc
+
+
+def _too_many_pixels(name: str, width: int, height: int, limit: int) -> str:
+    return (f"{name}: {width} x {height} = {width * height:,} pixels is over the limit of {limit:,} "
+            f"(decompression-bomb guard; raise it with --max-pixels if the file is trusted)")
+
+
+def _apply_exif_orientation(img: Image.Image) -> Image.Image:
+    """Rotate/flip as the EXIF Orientation tag says; a damaged EXIF block leaves the image as is."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - malformed EXIF must not lose an otherwise good image
+        return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: high bit depths are rescaled, transparency is composited on white."""
+    if img.mode in _SIXTEEN_BIT_MODES or img.mode in ("I", "F"):
+        img = Image.fromarray(_to_uint8(np.asarray(img), img.mode), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """Scale a 16-bit, 32-bit integer or float single-channel image into 0..255."""
+    values = values.astype(np.float64)
+    if mode == "F":
+        top = 1.0 if values.size and values.max() <= 1.0 else 255.0
+    elif mode in _SIXTEEN_BIT_MODES or (values.size and 0 <= values.min() and values.max() <= 65535):
+        top = 65535.0
+    else:
+        top = float(values.max()) or 1.0
+    return np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+
+
+def eval_settings(pretrained_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The test-time preprocessing settings of a checkpoint (test_input_size/test_crop_pct when given)."""
+    size = (pretrained_cfg.get("test_input_size") or pretrained_cfg["input_size"])[-1]
+    crop_pct = pretrained_cfg.get("test_crop_pct") or pretrained_cfg.get("crop_pct") or 1.0
+    return {
+        "image_size": int(size),
+        "crop_pct": float(crop_pct),
+        "interpolation": pretrained_cfg.get("interpolation", "bicubic"),
+        "mean": tuple(pretrained_cfg["mean"]),
+        "std": tuple(pretrained_cfg["std"]),
+    }
+
+
+def eval_transform(pretrained_cfg: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL RGB image -> normalised (3, S, S) tensor: resize short side to S/crop_pct, center crop S."""
+    from torchvision import transforms as T
+
+    s = eval_settings(pretrained_cfg)
+    interpolation = T.InterpolationMode(s["interpolation"])
+    return T.Compose([
+        T.Resize(math.floor(s["image_size"] / s["crop_pct"]), interpolation=interpolation),
+        T.CenterCrop(s["image_size"]),
+        T.ToTensor(),
+        T.Normalize(s["mean"], s["std"]),
+    ])
+
+
+def is_image_file(path: Path) -> bool:
+    """Whether a file name has one of the image extensions searched in folders."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+

@@ -1,0 +1,87 @@
+"""Shared fixtures: timm reference models with every tensor randomised, real photos, hub folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Fill every tensor with random values, so no branch is silently zero (gains, biases, ECA kernels)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith("gain"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)          # U(0.5, 1.5)
+            elif name.endswith("bias"):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+            else:
+                t.copy_(torch.randn(t.shape, generator=g))
+    return model
+
+
+def timm_model(name: str = "eca_nfnet_l0", seed: int = 0, **kwargs) -> torch.nn.Module:
+    """A timm reference model (the test oracle) with randomised weights, in eval mode."""
+    import timm
+
+    return randomize_(timm.create_model(name, **kwargs), seed).eval()
+
+
+@pytest.fixture(scope="session")
+def timm_l0() -> torch.nn.Module:
+    return timm_model("eca_nfnet_l0", seed=0)
+
+
+def photo_arrays() -> dict[str, np.ndarray]:
+    """Real photographs shipped with scikit-image and scikit-learn (H, W, 3) uint8."""
+    from skimage import data
+    from sklearn.datasets import load_sample_images
+
+    photos = {"chelsea": data.chelsea(), "coffee": data.coffee(), "astronaut": data.astronaut(),
+              "rocket": data.rocket()}
+    china, flower = load_sample_images().images
+    photos.update(china=china, flower=flower)
+    return photos
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory) -> Path:
+    """The real photos written to disk, alternately as JPEG and PNG."""
+    folder = tmp_path_factory.mktemp("photos")
+    for i, (name, arr) in enumerate(sorted(photo_arrays().items())):
+        ext = "jpg" if i % 2 == 0 else "png"
+        Image.fromarray(arr).save(folder / f"{name}.{ext}", quality=95) if ext == "jpg" else \
+            Image.fromarray(arr).save(folder / f"{name}.{ext}")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def timm_hub_folder(tmp_path_factory, timm_l0) -> Path:
+    """A hub-layout folder written by timm itself (save_for_hf) from the randomised timm model."""
+    from timm.models import save_for_hf
+
+    folder = tmp_path_factory.mktemp("timm_hub_folder")
+    save_for_hf(timm_l0, str(folder), safe_serialization=True)
+    return folder
+
+
+def lay_out_hub_cache(hf_home: Path, repo_id: str, files: dict[str, Path]) -> Path:
+    """Build the huggingface_hub cache structure for repo_id under hf_home, as a download would leave it."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    for name, src in files.items():
+        (snapshot / name).write_bytes(src.read_bytes())
+    return snapshot
+
+
+def read_json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
