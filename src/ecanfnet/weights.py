@@ -49,10 +49,10 @@ class Checkpoint:
     source: str = ""
 
     @property
-    def num_classes(self) -> int:
-        """Classifier width stored in the weights (0 when there is no classifier)."""
+    def num_classes(self) -> int | None:
+        """Classifier width stored in the weights (None when they hold no classifier)."""
         w = self.state_dict.get("head.fc.weight")
-        return int(w.shape[0]) if w is not None else int(self.config.get("num_classes", 0))
+        return int(w.shape[0]) if w is not None else None
 
     @property
     def architecture(self) -> str | None:
@@ -118,11 +118,13 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "Unsupported operand" in str(exc):
+        blocked = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if blocked or "Unsupported class" in str(exc):
+            what = f" ({blocked.group(1)})" if blocked else ""
             raise WeightsError(
-                f"{path}: refused to load: the pickle holds Python objects besides tensors, and unpickling "
-                f"those can run code. Only plain tensor checkpoints are read (torch.load weights_only=True); "
-                f"convert a trusted file to .safetensors first.") from exc
+                f"{path}: refused to load: the pickle references Python objects besides tensors{what}, and "
+                f"unpickling those can run code. Only plain tensor checkpoints are read (torch.load "
+                f"weights_only=True); convert a trusted file to .safetensors first.") from exc
         raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
     return _unwrap_state_dict(obj, path)
 
@@ -162,33 +164,35 @@ def _from_hub(repo: str, text: str) -> Checkpoint:
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     repo_id, _, revision = repo.partition("@")
-    fetch = lambda filename: Path(hf_hub_download(repo_id, filename, revision=revision or None))  # noqa: E731
-    offline = False
-    try:
-        config = json.loads(fetch("config.json").read_text(encoding="utf-8"))
-    except EntryNotFoundError:
-        config = {}
-    except LocalEntryNotFoundError:
-        offline, config = True, {}
-    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-        raise WeightsError(f"{text}: no such repository or revision on the Hugging Face Hub ({exc})") from exc
-    if not offline:
-        for name in WEIGHT_FILES:
-            try:
-                return Checkpoint(_read_weights_file(fetch(name)), config, text)
-            except EntryNotFoundError:
-                continue
-            except LocalEntryNotFoundError:
-                offline = True
-                break
-    if offline:
-        raise WeightsError(
-            f"cannot get {repo_id} from the Hugging Face Hub: there is no network connection (or "
-            f"HF_HUB_OFFLINE is set) and it is not in the cache at {constants.HF_HUB_CACHE}.\n"
-            f"  - Use a local copy: --weights PATH (a hub-layout folder, .safetensors or .pth file).\n"
-            f"  - To get one, on a machine with network run:\n"
-            f"      pip install huggingface_hub && hf download {repo_id} --local-dir {repo_id.split('/')[-1]}\n"
-            f"    then copy that folder here and pass --weights {repo_id.split('/')[-1]}")
+    unreachable: list[WeightsError] = []
+
+    def fetch(filename: str) -> Path | None:
+        """The cached file (downloaded first when online); None when it cannot be had."""
+        try:
+            return Path(hf_hub_download(repo_id, filename, revision=revision or None))
+        except LocalEntryNotFoundError as exc:  # before EntryNotFoundError: it is a subclass
+            short = repo_id.split("/")[-1]
+            unreachable.append(WeightsError(
+                f"cannot get {repo_id} from the Hugging Face Hub: there is no network connection (or "
+                f"HF_HUB_OFFLINE is set) and it is not in the cache at {constants.HF_HUB_CACHE}.\n"
+                f"  - Use a local copy: --weights PATH (a hub-layout folder, .safetensors or .pth file).\n"
+                f"  - To get one, on a machine with network run:\n"
+                f"      pip install huggingface_hub && hf download {repo_id} --local-dir {short}\n"
+                f"    then copy the folder {short} here and pass --weights {short}"))
+            return None
+        except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+            raise WeightsError(f"{text}: no such repository or revision on the Hugging Face Hub ({exc})") from exc
+        except EntryNotFoundError:
+            return None
+
+    config_path = fetch("config.json")
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path else {}
+    for name in WEIGHT_FILES:
+        path = fetch(name)
+        if path is not None:
+            return Checkpoint(_read_weights_file(path), config, text)
+    if unreachable:
+        raise unreachable[0]
     raise WeightsError(f"{text}: the repository holds neither {' nor '.join(WEIGHT_FILES)}")
 
 
@@ -196,15 +200,10 @@ def load_checkpoint(model: ECANFNet, ckpt: Checkpoint) -> None:
     """Load weights strictly; a classifier of another size is skipped (and left freshly initialised)."""
     state = dict(ckpt.state_dict)
     own = model.state_dict()
-    head_differs = any(k in state and k in own and state[k].shape != own[k].shape for k in HEAD_KEYS) or (
-        model.num_classes == 0 and any(k in state for k in HEAD_KEYS))
+    head_differs = ckpt.num_classes != model.num_classes
     if head_differs:
         for k in HEAD_KEYS:
             state.pop(k, None)
-        warnings.warn(
-            f"{ckpt.source}: the checkpoint's classifier has {ckpt.num_classes} classes, the model "
-            f"{model.num_classes}; loaded the backbone only, the classifier is freshly initialised",
-            stacklevel=3)
     expected = {k: v for k, v in own.items() if not (head_differs and k in HEAD_KEYS)}
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
@@ -212,6 +211,10 @@ def load_checkpoint(model: ECANFNet, ckpt: Checkpoint) -> None:
                         for k, v in expected.items() if k in state and state[k].shape != v.shape)
     if missing or unexpected or mismatched:
         raise WeightsError(_describe_mismatch(model.name, ckpt, missing, unexpected, mismatched))
+    if head_differs and model.num_classes:
+        had = f"has {ckpt.num_classes} classes" if ckpt.num_classes else "has no classifier"
+        warnings.warn(f"{ckpt.source}: the checkpoint's classifier {had}, the model {model.num_classes}; "
+                      f"loaded the backbone only, the classifier is freshly initialised", stacklevel=3)
     model.load_state_dict(state, strict=not head_differs)
 
 
@@ -245,8 +248,9 @@ def create_model(name: str | None = None, pretrained: bool | WeightsSource = Fal
     arch = ckpt.architecture
     if name and arch and arch != name:
         raise WeightsError(f"{ckpt.source}: the checkpoint is {arch}, not the requested {name}")
-    model = build_model(name or arch or "eca_nfnet_l0",
-                        ckpt.num_classes if num_classes is None else num_classes, drop_rate, drop_path_rate)
+    if num_classes is None:
+        num_classes = ckpt.num_classes if ckpt.num_classes is not None else 1000
+    model = build_model(name or arch or "eca_nfnet_l0", num_classes, drop_rate, drop_path_rate)
     model.pretrained_cfg.update(ckpt.config.get("pretrained_cfg") or {})
     model.pretrained_cfg["num_classes"] = model.num_classes
     if model.num_classes == ckpt.num_classes:

@@ -1,0 +1,144 @@
+"""Image reading (modes, EXIF, bad files) and eval preprocessing parity with timm."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import photo_arrays
+from ecanfnet import ImageLoadError, build_model, eval_transform, load_image
+from ecanfnet.transforms import to_rgb
+
+PHOTOS = photo_arrays()
+
+
+def card_timm_transform():
+    from timm.data.transforms_factory import transforms_imagenet_eval
+
+    return transforms_imagenet_eval(img_size=288, interpolation="bicubic", crop_pct=1.0,
+                                    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+@pytest.mark.parametrize("name", sorted(PHOTOS))
+def test_eval_transform_equals_timm_on_real_photos(name):
+    img = Image.fromarray(PHOTOS[name])
+    ours = eval_transform(build_model().pretrained_cfg)(img)
+    ref = card_timm_transform()(img)
+    assert ours.shape == ref.shape == (3, 288, 288)
+    assert (ours - ref).abs().max().item() <= 1e-6
+
+
+def test_eval_transform_follows_the_checkpoint_metadata():
+    cfg = dict(build_model().pretrained_cfg, test_input_size=[3, 256, 256], test_crop_pct=0.875)
+    out = eval_transform(cfg)(Image.fromarray(PHOTOS["coffee"]))
+    assert out.shape == (3, 256, 256)
+
+
+def png_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    arr = PHOTOS["chelsea"]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    path = tmp_path / "rotated.png"
+    Image.fromarray(arr).save(path, exif=exif)
+    loaded = np.asarray(load_image(path))
+    assert loaded.shape == (arr.shape[1], arr.shape[0], 3)
+    assert np.array_equal(loaded, np.rot90(arr, k=-1))
+
+
+def test_sixteen_bit_grayscale_is_rescaled_not_clipped(tmp_path):
+    ramp = np.linspace(0, 65535, 256 * 16).astype(np.uint16).reshape(16, 256)
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode.startswith("I")
+    rgb = np.asarray(load_image(path))
+    expected = np.rint(ramp / 257.0).astype(np.uint8)
+    assert np.array_equal(rgb[..., 0], expected) and np.array_equal(rgb[..., 2], expected)
+
+
+def test_transparency_is_composited_on_white():
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 200  # red-ish where opaque
+    rgba[:2, :, 3] = 255  # top half opaque, bottom half fully transparent
+    out = np.asarray(to_rgb(Image.fromarray(rgba, "RGBA")))
+    assert out[:2].tolist() == [[[200, 0, 0]] * 4] * 2
+    assert out[2:].tolist() == [[[255, 255, 255]] * 4] * 2
+    pal = Image.fromarray(PHOTOS["rocket"]).convert("P", palette=Image.Palette.ADAPTIVE)
+    pal.info["transparency"] = 0
+    assert to_rgb(pal).mode == "RGB"
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "CMYK", "1", "P", "I", "F", "YCbCr"])
+def test_every_mode_becomes_rgb(mode):
+    img = Image.fromarray(PHOTOS["astronaut"]).convert(mode)
+    out = to_rgb(img)
+    assert out.mode == "RGB" and out.size == img.size
+
+
+def test_cmyk_jpeg_loads(tmp_path):
+    path = tmp_path / "cmyk.jpg"
+    Image.fromarray(PHOTOS["coffee"]).convert("CMYK").save(path)
+    assert Image.open(path).mode == "CMYK"
+    out = np.asarray(load_image(path)).astype(int)
+    assert out.shape == PHOTOS["coffee"].shape
+    assert np.abs(out - PHOTOS["coffee"]).mean() < 10  # same picture after a lossy round trip
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A PNG signature + IHDR claiming the given size (valid CRC) + IEND, with no pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize("size", [(10_000, 10_000), (100_000, 100_000)])
+def test_decompression_bomb_is_refused_by_name(tmp_path, size):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(huge_png_header(*size))
+    with pytest.raises(ImageLoadError, match=r"bomb\.png: .*(over the limit|refused)"):
+        load_image(path)
+
+
+def test_pixel_limit_is_configurable(tmp_path):
+    path = tmp_path / "small.png"
+    Image.fromarray(PHOTOS["coffee"]).save(path)
+    with pytest.raises(ImageLoadError, match="over the limit of 1,000"):
+        load_image(path, max_pixels=1000)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "empty file"),
+    (b"hello, this is plain text\n", "not an image"),
+])
+def test_non_images_are_named(tmp_path, content, reason):
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(content)
+    with pytest.raises(ImageLoadError, match=f"photo.jpg: {reason}"):
+        load_image(path)
+
+
+def test_truncated_jpeg_is_named(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(PHOTOS["chelsea"]).save(buf, format="JPEG", quality=90)
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ImageLoadError, match="cut.jpg: truncated or corrupt"):
+        load_image(path)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ImageLoadError, match="nothere.png: cannot read"):
+        load_image(tmp_path / "nothere.png")
