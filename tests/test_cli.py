@@ -33,10 +33,10 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def run_subprocess(*args: str, env: dict) -> subprocess.CompletedProcess:
+def run_subprocess(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT / "src")}
     return subprocess.run([sys.executable, "-m", "ecanfnet", *args], env=full_env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_predict_json_gives_timm_top5_on_real_photos(capsys, timm_l0, timm_hub_folder, photo_dir):
@@ -85,9 +85,11 @@ def test_hub_cache_with_only_pytorch_model_bin(tmp_path, timm_l0, photo_dir):
     assert json.loads(proc.stdout) == [185, "eca_nfnet_l0"]
 
 
-def test_offline_without_cache_explains_how_to_get_weights(tmp_path, photo_dir):
-    env = {"HF_HOME": str(tmp_path / "empty_hf"), "HF_HUB_OFFLINE": "1"}
-    proc = run_subprocess("predict", str(photo_dir), env=env)
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
+                         ids=["offline-flag", "unreachable-endpoint"])
+def test_no_network_without_cache_explains_how_to_get_weights(tmp_path, photo_dir, env):
+    env = {**env, "HF_HOME": str(tmp_path / "empty_hf")}
+    proc = run_subprocess("predict", str(photo_dir), env=env, timeout=60)  # no retry loop: fails at once
     assert proc.returncode == 1
     assert "cannot get timm/eca_nfnet_l0" in proc.stderr and "not in the cache" in proc.stderr
     assert "--weights PATH" in proc.stderr and "hf download timm/eca_nfnet_l0" in proc.stderr

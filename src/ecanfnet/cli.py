@@ -6,9 +6,12 @@ import argparse
 import json
 import sys
 import warnings
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .inference import ImageResult
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -50,7 +53,7 @@ def run_predict(args: argparse.Namespace) -> int:
     """Classify every image named on the command line; exit 1 if any failed."""
     from tqdm import tqdm
 
-    from .inference import Classifier, ImageResult, find_images
+    from .inference import Classifier, find_images
     from .transforms import MAX_IMAGE_PIXELS
     from .weights import WeightsError
 
@@ -79,12 +82,12 @@ def run_predict(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def _print_json(result: "ImageResult", write) -> None:  # noqa: F821 - imported lazily
+def _print_json(result: ImageResult, write: Callable[..., None]) -> None:
     write(json.dumps(result.to_dict(), ensure_ascii=False), file=sys.stdout)
     sys.stdout.flush()
 
 
-def _print_table(result: "ImageResult", write) -> None:  # noqa: F821
+def _print_table(result: ImageResult, write: Callable[..., None]) -> None:
     lines = [result.path]
     if result.error is not None:
         lines.append(f"    error: {result.error}")

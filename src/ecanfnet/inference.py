@@ -15,7 +15,7 @@ from PIL import Image
 
 from .labels import label_names_for
 from .model import ECANFNet
-from .transforms import MAX_IMAGE_PIXELS, ImageLoadError, eval_transform, is_image_file, load_image
+from .transforms import MAX_IMAGE_PIXELS, ImageLoadError, eval_transform, is_image_file, load_image, to_rgb
 from .weights import WeightsSource, create_model
 
 
@@ -130,8 +130,6 @@ class Classifier:
 
     def classify(self, images: list[Image.Image], top_k: int = 5) -> list[list[Prediction]]:
         """Top-k predictions for PIL images (any mode; converted to RGB)."""
-        from .transforms import to_rgb
-
         batch = torch.stack([self.transform(to_rgb(img)) for img in images])
         return self.top_k(self.probabilities(batch), top_k)
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Union
+from urllib.parse import urlparse
 
 import torch
 from .model import CONFIGS, ECANFNet, build_model
@@ -32,7 +34,7 @@ DEFAULT_HUB_REPOS = {
     "eca_nfnet_l2": "timm/eca_nfnet_l2",
 }
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
 
 
@@ -114,7 +116,7 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from exc
     if path.suffix not in PICKLE_SUFFIXES:
-        raise WeightsError(f"{path}: unknown weights format {path.suffix!r}; use .safetensors, .pth, .pt, .bin or .ckpt")
+        raise WeightsError(f"{path}: unknown weights format {path.suffix!r}; use .safetensors, .pth, .pt, .bin, .ckpt or .pth.tar")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
@@ -141,16 +143,21 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def _read_config(path: Path | None) -> dict[str, Any]:
+    """A hub config.json as a dict ({} when there is none)."""
+    if path is None or not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise WeightsError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise WeightsError(f"{path}: expected a JSON object")
+    return config
+
+
 def _from_folder(folder: Path) -> Checkpoint:
-    config: dict[str, Any] = {}
-    config_path = folder / "config.json"
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise WeightsError(f"{config_path}: not valid JSON ({exc})") from exc
-        if not isinstance(config, dict):
-            raise WeightsError(f"{config_path}: expected a JSON object")
+    config = _read_config(folder / "config.json")
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
             return Checkpoint(_read_weights_file(folder / name), config, str(folder))
@@ -164,17 +171,19 @@ def _from_hub(repo: str, text: str) -> Checkpoint:
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     repo_id, _, revision = repo.partition("@")
+    # Without this check huggingface_hub retries each file for ~25 s before falling back to the cache.
+    cache_only = constants.HF_HUB_OFFLINE or not _endpoint_reachable(constants.ENDPOINT)
     unreachable: list[WeightsError] = []
 
     def fetch(filename: str) -> Path | None:
         """The cached file (downloaded first when online); None when it cannot be had."""
         try:
-            return Path(hf_hub_download(repo_id, filename, revision=revision or None))
+            return Path(hf_hub_download(repo_id, filename, revision=revision or None, local_files_only=cache_only))
         except LocalEntryNotFoundError as exc:  # before EntryNotFoundError: it is a subclass
             short = repo_id.split("/")[-1]
             unreachable.append(WeightsError(
-                f"cannot get {repo_id} from the Hugging Face Hub: there is no network connection (or "
-                f"HF_HUB_OFFLINE is set) and it is not in the cache at {constants.HF_HUB_CACHE}.\n"
+                f"cannot get {repo_id} from the Hugging Face Hub: there is no connection to "
+                f"{constants.ENDPOINT} (or HF_HUB_OFFLINE is set) and it is not in the cache at {constants.HF_HUB_CACHE}.\n"
                 f"  - Use a local copy: --weights PATH (a hub-layout folder, .safetensors or .pth file).\n"
                 f"  - To get one, on a machine with network run:\n"
                 f"      pip install huggingface_hub && hf download {repo_id} --local-dir {short}\n"
@@ -185,8 +194,7 @@ def _from_hub(repo: str, text: str) -> Checkpoint:
         except EntryNotFoundError:
             return None
 
-    config_path = fetch("config.json")
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path else {}
+    config = _read_config(fetch("config.json"))
     for name in WEIGHT_FILES:
         path = fetch(name)
         if path is not None:
@@ -194,6 +202,17 @@ def _from_hub(repo: str, text: str) -> Checkpoint:
     if unreachable:
         raise unreachable[0]
     raise WeightsError(f"{text}: the repository holds neither {' nor '.join(WEIGHT_FILES)}")
+
+
+def _endpoint_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub endpoint opens within the timeout."""
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def load_checkpoint(model: ECANFNet, ckpt: Checkpoint) -> None:
