@@ -34,6 +34,18 @@ def test_eval_transform_equals_timm_on_real_photos(name):
     assert (ours - ref).abs().max().item() <= 1e-6
 
 
+@pytest.mark.parametrize("size", [(1, 1), (50, 100), (333, 200), (289, 288), (640, 427)])
+@pytest.mark.parametrize("crop_pct", [1.0, 0.875])
+def test_eval_transform_equals_timm_on_other_shapes_and_crops(size, crop_pct):
+    from timm.data.transforms_factory import transforms_imagenet_eval
+
+    img = Image.fromarray(PHOTOS["rocket"]).resize(size, Image.Resampling.BILINEAR)
+    cfg = dict(build_model().pretrained_cfg, test_crop_pct=crop_pct)
+    ref = transforms_imagenet_eval(img_size=288, interpolation="bicubic", crop_pct=crop_pct,
+                                   mean=cfg["mean"], std=cfg["std"])(img)
+    assert (eval_transform(cfg)(img) - ref).abs().max().item() <= 1e-6
+
+
 def test_eval_transform_follows_the_checkpoint_metadata():
     cfg = dict(build_model().pretrained_cfg, test_input_size=[3, 256, 256], test_crop_pct=0.875)
     out = eval_transform(cfg)(Image.fromarray(PHOTOS["coffee"]))

@@ -37,6 +37,13 @@ def test_timm_written_hub_folder_loads_with_metadata(timm_hub_folder, ref_logits
     assert model.name == "eca_nfnet_l0"
     assert model.pretrained_cfg["test_input_size"] in ([3, 288, 288], (3, 288, 288))
     assert_same_logits(model, ref_logits)
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_half_precision_checkpoint_loads_as_float32(tmp_path, timm_l0):
+    save_file({k: v.half().contiguous() for k, v in timm_l0.state_dict().items()}, tmp_path / "half.safetensors")
+    model = create_model(pretrained=tmp_path / "half.safetensors")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 def test_folder_with_pytorch_model_bin(tmp_path, timm_l0, ref_logits):
@@ -70,6 +77,8 @@ def test_other_head_size_keeps_backbone_and_tells_the_user(timm_hub_folder, timm
                               timm_l0.forward_head(timm_l0.forward_features(x), pre_logits=True), rtol=1e-4, atol=1e-4)
         assert model(x).shape == (1, 10)
     assert "label_names" not in model.pretrained_cfg
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert model.head.fc.weight.std() > 0 and model.head.fc.bias.eq(0).all()
 
 
 def test_checkpoint_of_another_architecture_names_the_keys(tmp_path):

@@ -218,7 +218,8 @@ class ECANFNet(nn.Module):
         eps = cfg.std_conv_eps
 
         self.stem = Stem(cfg.in_chans, cfg.stem_channels, eps)
-        path_rates = torch.linspace(0, drop_path_rate, sum(cfg.depths)).tolist()
+        n = sum(cfg.depths)
+        path_rates = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # 0 -> drop_path_rate, linearly
         stages, prev, expected_var, i = [], cfg.stem_channels, 1.0, 0
         for depth, out_ch, stride in zip(cfg.depths, cfg.channels, cfg.strides):
             blocks = []
@@ -237,6 +238,8 @@ class ECANFNet(nn.Module):
 
     def init_weights(self) -> None:
         """From-scratch init: every residual branch starts at zero (conv3.gain = 0)."""
+        if self.stem.conv1.weight.is_meta:
+            return  # built only to receive a checkpoint (see create_model); meta tensors hold no values
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0.0, 0.01)

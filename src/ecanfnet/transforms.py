@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -104,18 +104,55 @@ def eval_settings(pretrained_cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def eval_transform(pretrained_cfg: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL RGB image -> normalised (3, S, S) tensor: resize short side to S/crop_pct, center crop S."""
-    from torchvision import transforms as T
+_PIL_FILTERS = {
+    "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
+}
 
-    s = eval_settings(pretrained_cfg)
-    interpolation = T.InterpolationMode(s["interpolation"])
-    return T.Compose([
-        T.Resize(math.floor(s["image_size"] / s["crop_pct"]), interpolation=interpolation),
-        T.CenterCrop(s["image_size"]),
-        T.ToTensor(),
-        T.Normalize(s["mean"], s["std"]),
-    ])
+
+class EvalTransform:
+    """PIL RGB image -> normalised (3, S, S) float tensor: resize the short side to S/crop_pct, center-crop S.
+
+    Written on PIL directly instead of torchvision.transforms, whose import costs seconds of
+    start-up; the tests hold it equal to timm's transforms_imagenet_eval.
+    """
+
+    def __init__(self, image_size: int, crop_pct: float, interpolation: str,
+                 mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        if interpolation not in _PIL_FILTERS:
+            raise ValueError(f"interpolation must be one of {', '.join(_PIL_FILTERS)}, got {interpolation!r}")
+        self.image_size = image_size
+        self.resize_to = math.floor(image_size / crop_pct)
+        self.filter = _PIL_FILTERS[interpolation]
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def resize_and_crop(self, img: Image.Image) -> Image.Image:
+        """The geometric part: short side to resize_to (aspect kept), then the centered square crop."""
+        w, h = img.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(self.resize_to * long / short)
+        size = (self.resize_to, new_long) if w <= h else (new_long, self.resize_to)
+        if size != img.size:
+            img = img.resize(size, self.filter)
+        return img.crop(_center_box(img.size, self.image_size))
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        pixels = torch.from_numpy(np.asarray(self.resize_and_crop(img), dtype=np.uint8).copy())
+        x = pixels.permute(2, 0, 1).to(torch.float32).div(255)
+        return x.sub_(self.mean).div_(self.std)
+
+
+def _center_box(size: tuple[int, int], crop: int) -> tuple[int, int, int, int]:
+    """Crop box centered like torchvision's CenterCrop (zero padding where the image is smaller)."""
+    offsets = [int(round((side - crop) / 2.0)) if side >= crop else -((crop - side) // 2) for side in size]
+    return offsets[0], offsets[1], offsets[0] + crop, offsets[1] + crop
+
+
+def eval_transform(pretrained_cfg: dict[str, Any]) -> EvalTransform:
+    """The checkpoint's evaluation preprocessing (see eval_settings)."""
+    return EvalTransform(**eval_settings(pretrained_cfg))
 
 
 def is_image_file(path: Path) -> bool:

@@ -234,7 +234,10 @@ def load_checkpoint(model: ECANFNet, ckpt: Checkpoint) -> None:
         had = f"has {ckpt.num_classes} classes" if ckpt.num_classes else "has no classifier"
         warnings.warn(f"{ckpt.source}: the checkpoint's classifier {had}, the model {model.num_classes}; "
                       f"loaded the backbone only, the classifier is freshly initialised", stacklevel=3)
-    model.load_state_dict(state, strict=not head_differs)
+    state = {k: v.to(own[k].dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=not head_differs, assign=True)
+    if head_differs:
+        model.reset_classifier(model.num_classes)  # a real, freshly initialised head (also off the meta device)
 
 
 def _describe_mismatch(name: str, ckpt: Checkpoint, missing: list[str], unexpected: list[str],
@@ -269,7 +272,9 @@ def create_model(name: str | None = None, pretrained: bool | WeightsSource = Fal
         raise WeightsError(f"{ckpt.source}: the checkpoint is {arch}, not the requested {name}")
     if num_classes is None:
         num_classes = ckpt.num_classes if ckpt.num_classes is not None else 1000
-    model = build_model(name or arch or "eca_nfnet_l0", num_classes, drop_rate, drop_path_rate)
+    # Built on the meta device: random init of 24M weights that are overwritten anyway is skipped.
+    with torch.device("meta"):
+        model = build_model(name or arch or "eca_nfnet_l0", num_classes, drop_rate, drop_path_rate)
     model.pretrained_cfg.update(ckpt.config.get("pretrained_cfg") or {})
     model.pretrained_cfg["num_classes"] = model.num_classes
     if model.num_classes == ckpt.num_classes:
