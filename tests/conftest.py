@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+
+# ONNX exports cached by the onnxruntime backend go to a throw-away folder, not the user's cache.
+os.environ["ECANFNET_CACHE"] = tempfile.mkdtemp(prefix="ecanfnet-test-cache-")
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

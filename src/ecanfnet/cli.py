@@ -38,8 +38,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=_positive_int, default=None, metavar="N",
                    help="refuse images with more pixels than this (default 89,478,485)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _add_backend_options(p)
     p.set_defaults(func=run_predict)
+
+    b = sub.add_parser("bench", help="model-only throughput of each backend and precision",
+                       description="Time forward passes on random input (no image decoding) for each "
+                                   "backend and precision; median of --repeats runs after --warmup.")
+    b.add_argument("--weights", metavar="SRC", default=None,
+                   help="weights to time (default: randomly initialised; speed does not depend on the values)")
+    b.add_argument("--batch-size", type=_positive_int, default=1, metavar="N")
+    b.add_argument("--image-size", type=_positive_int, default=288, metavar="S")
+    b.add_argument("--backend", nargs="+", choices=BACKEND_CHOICES[1:], default=None,
+                   help="backends to time (default: all that run here)")
+    b.add_argument("--precision", nargs="+", choices=PRECISION_CHOICES, default=None,
+                   help="precisions to time (default: those the hardware runs natively)")
+    b.add_argument("--repeats", type=_positive_int, default=10, metavar="R")
+    b.add_argument("--warmup", type=int, default=2, metavar="W")
+    b.add_argument("--device", default="auto", help="auto (default), cpu, cuda, ...")
+    b.add_argument("--format", choices=("table", "json"), default="table")
+    b.set_defaults(func=run_bench)
+
+    e = sub.add_parser("export", help="export the folded network to ONNX or TorchScript",
+                       description="Write the inference form of the network (weight standardization folded) "
+                                   "and check the written file against the torch output.")
+    e.add_argument("kind", choices=("onnx", "torchscript"))
+    e.add_argument("output", metavar="OUT", help="file to write (replaced atomically)")
+    e.add_argument("--weights", metavar="SRC", default=None, help="weights source (default: hf-hub:timm/eca_nfnet_l0)")
+    e.add_argument("--image-size", type=_positive_int, default=None, metavar="S",
+                   help="size of the check input (default: the checkpoint's test size); the ONNX file "
+                        "accepts any batch and size")
+    e.set_defaults(func=run_export)
     return parser
+
+
+BACKEND_CHOICES = ("auto", "torch", "compile", "onnxruntime")
+PRECISION_CHOICES = ("fp32", "bf16", "fp16")
+# Fewer images than this: `auto` uses eager torch, whose setup is instant; ONNX Runtime's session
+# set-up (and first-time export) costs more than it saves on a handful of images.
+AUTO_ORT_MIN_IMAGES = 16
+EXPORT_MAX_REL_ERROR = 1e-4
+
+
+def _add_backend_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                   help="auto (default: onnxruntime on CPU when installed and there are many images, "
+                        "else torch), torch, compile, onnxruntime")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32",
+                   help="fp32 (default, exact), bf16 (CUDA, or CPUs with native bf16), fp16 (CUDA)")
 
 
 def _positive_int(text: str) -> int:
@@ -57,10 +102,15 @@ def run_predict(args: argparse.Namespace) -> int:
     from .transforms import MAX_IMAGE_PIXELS
     from .weights import WeightsError
 
+    from .backends import BackendError
+
     paths, problems = find_images(args.paths)
+    backend = args.backend
+    if backend == "auto" and len(paths) < AUTO_ORT_MIN_IMAGES:
+        backend = "torch"
     try:
-        classifier = Classifier.from_pretrained(args.weights, None if args.device == "auto" else args.device)
-    except WeightsError as exc:
+        classifier = Classifier.from_pretrained(args.weights, _device(args.device), backend, args.precision)
+    except (WeightsError, BackendError) as exc:
         print(f"ecanfnet: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
 
@@ -80,6 +130,75 @@ def run_predict(args: argparse.Namespace) -> int:
     if failed:
         print(f"ecanfnet: {failed} of {len(paths) + len(problems)} inputs failed", file=sys.stderr)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _device(name: str):
+    import torch
+
+    from .inference import default_device
+    return default_device() if name == "auto" else torch.device(name)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Time each backend/precision; one line (table row or JSON object) per configuration."""
+    from .bench import available_configs, run_all
+    from .weights import WeightsError, create_model
+
+    device = _device(args.device)
+    if args.weights is None:
+        print("ecanfnet: note: no --weights given, timing randomly initialised weights "
+              "(throughput does not depend on the values)", file=sys.stderr)
+    try:
+        model = create_model(pretrained=args.weights if args.weights is not None else False)
+    except WeightsError as exc:
+        print(f"ecanfnet: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    configs = available_configs(device)
+    if args.backend:
+        configs = [(b, p) for b in args.backend for p in (args.precision or ["fp32"])]
+    elif args.precision:
+        configs = [(b, p) for b, p in configs if p in args.precision]
+    failed = 0
+    if args.format == "table":
+        print(f"{'backend':12s} {'precision':9s} {'batch':>5s} {'size':>5s} {'images/s':>9s} {'ms/batch p50':>13s} {'peak RSS MB':>12s}")
+    for row in run_all(model, configs, batch_size=args.batch_size, image_size=args.image_size,
+                       repeats=args.repeats, warmup=args.warmup, device=device):
+        failed += "error" in row
+        if args.format == "json":
+            print(json.dumps(row), flush=True)
+        elif "error" in row:
+            print(f"{row['backend']:12s} {row['precision']:9s} unavailable: {row['error']}", flush=True)
+        else:
+            print(f"{row['backend']:12s} {row['precision']:9s} {row['batch_size']:5d} {row['image_size']:5d} "
+                  f"{row['images_per_s']:9.2f} {row['ms_per_batch_p50']:13.1f} {row['peak_rss_mb']:12.1f}", flush=True)
+    return EXIT_FAILED if failed == len(configs) else EXIT_OK
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Export the folded network and verify the written file reproduces the torch logits."""
+    from .backends import export_onnx, export_torchscript
+    from .transforms import eval_settings
+    from .weights import WeightsError, create_model
+
+    try:
+        model = create_model(pretrained=args.weights if args.weights is not None else True)
+    except WeightsError as exc:
+        print(f"ecanfnet: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    size = args.image_size or eval_settings(model.pretrained_cfg)["image_size"]
+    try:
+        if args.kind == "onnx":
+            error = export_onnx(model, args.output, image_size=size)
+        else:
+            error = export_torchscript(model, args.output, image_size=size)
+    except ImportError as exc:
+        print(f"ecanfnet: error: {exc.name or exc} is needed for this export: pip install 'ecanfnet[onnx]'",
+              file=sys.stderr)
+        return EXIT_FAILED
+    ok = error is not None and error <= EXPORT_MAX_REL_ERROR
+    print(f"wrote {args.output}; max relative logit error vs torch at {size}x{size}: {error:.2e} "
+          f"({'ok' if ok else 'TOO LARGE'}, limit {EXPORT_MAX_REL_ERROR:.0e})")
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 def _print_json(result: ImageResult, write: Callable[..., None]) -> None:

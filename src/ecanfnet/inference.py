@@ -103,24 +103,27 @@ def default_device() -> torch.device:
 
 
 class Classifier:
-    """A model plus the preprocessing and labels its checkpoint carries."""
+    """A model plus the preprocessing and labels its checkpoint carries, run on a chosen backend."""
 
-    def __init__(self, model: ECANFNet, device: str | torch.device | None = None) -> None:
+    def __init__(self, model: ECANFNet, device: str | torch.device | None = None,
+                 backend: str = "auto", precision: str = "fp32") -> None:
+        from .backends import make_runner
+
         self.device = torch.device(device) if device is not None else default_device()
-        self.model = model.eval().to(self.device)
+        self.model = model.eval()
+        self.runner = make_runner(model, backend, precision, self.device)
         self.transform = eval_transform(model.pretrained_cfg)
         self.labels = label_names_for(model.pretrained_cfg, model.num_classes)
 
     @classmethod
-    def from_pretrained(cls, weights: WeightsSource | None = None,
-                        device: str | torch.device | None = None) -> "Classifier":
+    def from_pretrained(cls, weights: WeightsSource | None = None, device: str | torch.device | None = None,
+                        backend: str = "auto", precision: str = "fp32") -> "Classifier":
         """Load a classifier from any weights source (default: the published hub checkpoint)."""
-        return cls(create_model(pretrained=weights if weights is not None else True), device)
+        return cls(create_model(pretrained=weights if weights is not None else True), device, backend, precision)
 
-    @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """Softmax class probabilities for a preprocessed (B, 3, H, W) batch."""
-        return self.model(batch.to(self.device)).float().softmax(dim=-1).cpu()
+        """Softmax class probabilities (float32, CPU) for a preprocessed (B, 3, H, W) batch."""
+        return self.runner(batch).softmax(dim=-1)
 
     def top_k(self, probs: torch.Tensor, k: int = 5) -> list[list[Prediction]]:
         """The k most probable classes of each row, highest first."""

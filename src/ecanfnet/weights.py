@@ -14,14 +14,14 @@ import json
 import os
 import re
 import socket
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Union
 from urllib.parse import urlparse
 
 import torch
+from .fileio import write_atomically
 from .model import CONFIGS, ECANFNet, build_model
 
 WeightsSource = Union[str, os.PathLike]
@@ -310,20 +310,7 @@ def save_pretrained(model: ECANFNet, folder: WeightsSource, label_names: list[st
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _write_atomically(folder / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _write_atomically(folder / "config.json",
+    write_atomically(folder / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    write_atomically(folder / "config.json",
                       lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
     return folder
-
-
-def _write_atomically(target: Path, write: Callable[[str], Any]) -> None:
-    """Write through a temp file in the same folder, then rename over the target."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-

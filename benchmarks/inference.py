@@ -1,0 +1,153 @@
+"""Inference throughput: timm eager and timm-in-ONNX-Runtime (the anchors) against each ecanfnet backend.
+
+One process, same randomised weights and same input for everyone; the candidates run in
+alternation, round after round, so that drifts in machine speed hit all of them alike.
+Prints images/s (median of all timed calls) and the ratios to both anchors.
+
+    python benchmarks/inference.py                      # batch 1 and 8 at 288x288
+    python benchmarks/inference.py --batch-sizes 1 --rounds 3 --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conftest import timm_model  # noqa: E402  (randomised timm weights, shared with the tests)
+
+from ecanfnet import build_model  # noqa: E402
+from ecanfnet.backends import cpu_has_native_bf16, make_runner  # noqa: E402
+
+
+def timm_onnxruntime(ref: torch.nn.Module, folder: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """timm's own model exported with torch.onnx (dynamic batch), run in ONNX Runtime with all graph optimisations."""
+    import onnxruntime as ort
+
+    path = folder / "timm_eca_nfnet_l0.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(ref, (torch.randn(1, 3, 288, 288),), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+
+
+def timm_eager(ref: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return ref(x)
+    return run
+
+
+def candidates(batch: int, with_compile: bool, with_bf16: bool, folder: Path) -> dict[str, Callable]:
+    ref = timm_model("eca_nfnet_l0", seed=0)
+    ours = build_model("eca_nfnet_l0").eval()
+    ours.load_state_dict(ref.state_dict())
+    runs: dict[str, Callable] = {"timm eager fp32": timm_eager(ref), "timm onnxruntime fp32": timm_onnxruntime(ref, folder)}
+    runs["ecanfnet torch fp32"] = make_runner(ours, "torch", "fp32")
+    runs["ecanfnet onnxruntime fp32"] = make_runner(ours, "onnxruntime", "fp32")
+    if with_compile:
+        runs["ecanfnet compile fp32"] = make_runner(ours, "compile", "fp32", compile_batch=batch)
+    if with_bf16:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            runs["ecanfnet torch bf16"] = make_runner(ours, "torch", "bf16")
+    return runs
+
+
+def measure(runs: dict[str, Callable], x: torch.Tensor, rounds: int, iters: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for fn in runs.values():  # warm-up (first calls allocate, compile or autotune)
+        fn(x)
+        fn(x)
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            for _ in range(iters):
+                start = time.perf_counter()
+                fn(x)
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def agreement(runs: dict[str, Callable], x: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Each candidate's logits against timm eager fp32: max relative error and top-1/top-5 agreement."""
+    want = runs["timm eager fp32"](x).float()
+    out = {}
+    for name, fn in runs.items():
+        got = fn(x).float()
+        top5_w, top5_g = want.topk(5).indices, got.topk(5).indices
+        out[name] = {
+            "max_rel_err": float((got - want).abs().max() / want.abs().max()),
+            "top1_agree": float((top5_w[:, 0] == top5_g[:, 0]).float().mean()),
+            "top5_agree": float((top5_w.sort().values == top5_g.sort().values).all(dim=1).float().mean()),
+        }
+    return out
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {torch.get_num_threads()} torch threads, native bf16: {cpu_has_native_bf16()}, "
+            f"torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--image-size", type=int, default=288)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=3, help="timed calls per candidate per round")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (about a minute to build)")
+    parser.add_argument("--bf16", choices=("auto", "yes", "no"), default="auto",
+                        help="auto: only where the CPU has native bf16, and always at batch 1")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    print(f"# machine: {machine()}")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for batch in args.batch_sizes:
+            with_bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and (cpu_has_native_bf16() or batch == 1))
+            runs = candidates(batch, not args.no_compile, with_bf16, Path(tmp))
+            x = torch.randn(batch, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(batch))
+            agree = agreement(runs, x)
+            times = measure(runs, x, args.rounds, args.iters)
+            ips = {name: batch / statistics.median(t) for name, t in times.items()}
+            eager, ort = ips["timm eager fp32"], ips["timm onnxruntime fp32"]
+            print(f"\n## batch {batch}, {args.image_size}x{args.image_size}, {args.rounds} rounds x {args.iters} calls")
+            print(f"{'candidate':28s} {'images/s':>9s} {'vs timm eager':>14s} {'vs timm ORT':>12s} {'max rel err':>12s} {'top-1':>6s} {'top-5':>6s}")
+            for name in runs:
+                a = agree[name]
+                print(f"{name:28s} {ips[name]:9.2f} {ips[name] / eager:13.2f}x {ips[name] / ort:11.2f}x "
+                      f"{a['max_rel_err']:12.2e} {a['top1_agree']:6.2f} {a['top5_agree']:6.2f}")
+                results.append({"batch_size": batch, "image_size": args.image_size, "candidate": name,
+                                "images_per_s": ips[name], "vs_timm_eager": ips[name] / eager,
+                                "vs_timm_onnxruntime": ips[name] / ort, **a})
+            del runs
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

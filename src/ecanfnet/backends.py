@@ -1,0 +1,195 @@
+"""Inference backends over the folded network: eager torch, torch.compile, ONNX Runtime; and exports."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .fileio import write_atomically
+from .folded import PRECISIONS, FoldedECANFNet, prepare_for_inference
+from .model import ECANFNet
+
+BACKENDS = ("torch", "compile", "onnxruntime")
+ONNX_OPSET = 17
+
+
+class BackendError(RuntimeError):
+    """A backend or precision is not available here; the message says why and what to do."""
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def onnxruntime_available() -> bool:
+    """Whether the optional onnxruntime extra is installed."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto' -> the fastest exact (fp32) backend here: onnxruntime on CPU when installed, else torch."""
+    if backend == "auto":
+        return "onnxruntime" if device.type == "cpu" and onnxruntime_available() else "torch"
+    if backend not in BACKENDS:
+        raise BackendError(f"backend must be auto or one of {', '.join(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def check_precision(precision: str, backend: str, device: torch.device) -> None:
+    """Refuse combinations that cannot run; warn for bf16 on a CPU that only emulates it."""
+    if precision not in PRECISIONS:
+        raise BackendError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if backend == "onnxruntime" and precision != "fp32":
+        raise BackendError(f"the onnxruntime backend runs fp32 only (asked for {precision}); use --backend torch")
+    if precision == "fp16" and device.type != "cuda":
+        raise BackendError("fp16 needs a CUDA device; on CPU use bf16 (where supported) or fp32")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("this CPU has no native bf16 (avx512_bf16/amx); bf16 is emulated and much slower "
+                      "than fp32 here", stacklevel=3)
+
+
+class Runner:
+    """A callable batch -> float32 logits on the CPU, for one backend and precision."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], backend: str, precision: str,
+                 device: torch.device) -> None:
+        self.fn, self.backend, self.precision, self.device = fn, backend, precision, device
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.fn(batch)
+
+    def __repr__(self) -> str:
+        return f"Runner(backend={self.backend!r}, precision={self.precision!r}, device={str(self.device)!r})"
+
+
+def make_runner(model: ECANFNet, backend: str = "auto", precision: str = "fp32",
+                device: str | torch.device | None = None, compile_batch: int | None = None) -> Runner:
+    """Fold the model and wrap it in the requested backend (see BACKENDS; 'auto' picks the fastest fp32)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    backend = resolve_backend(backend, device)
+    check_precision(precision, backend, device)
+    if backend == "onnxruntime":
+        return Runner(_onnxruntime_fn(model), backend, precision, device)
+    folded = prepare_for_inference(model, precision, channels_last=True, device=device)
+    if backend == "compile":
+        fn = _torch_fn(_compile(folded), device, PRECISIONS[precision], pad_to=compile_batch)
+    else:
+        fn = _torch_fn(folded, device, PRECISIONS[precision])
+    return Runner(fn, backend, precision, device)
+
+
+def _torch_fn(module: Callable, device: torch.device, dtype: torch.dtype,
+              pad_to: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        n = batch.shape[0]
+        if pad_to and n < pad_to:  # one fixed shape: a compiled graph is not rebuilt for a short last batch
+            batch = torch.cat([batch, batch.new_zeros((pad_to - n, *batch.shape[1:]))])
+        x = batch.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        with torch.inference_mode():
+            return module(x)[:n].float().cpu()
+    return run
+
+
+def _compile(folded: FoldedECANFNet) -> Callable:
+    # freezing lets inductor treat the folded weights as constants (prepacked convolution weights).
+    return torch.compile(folded, options={"freezing": True}, dynamic=False)
+
+
+def _onnxruntime_fn(model: ECANFNet) -> Callable[[torch.Tensor], torch.Tensor]:
+    import onnxruntime as ort
+
+    path = cached_onnx_export(model)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        (logits,) = session.run(None, {"images": batch.float().contiguous().numpy()})
+        return torch.from_numpy(logits)
+    return run
+
+
+def cache_dir() -> Path:
+    """Where ONNX exports are kept between runs ($ECANFNET_CACHE, else $XDG_CACHE_HOME/ecanfnet)."""
+    root = os.environ.get("ECANFNET_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ecanfnet"
+    return Path(root)
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 over the names, shapes and bytes of every tensor in the state dict."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def cached_onnx_export(model: ECANFNet) -> Path:
+    """The folded network's ONNX file, exported once per set of weights into cache_dir()."""
+    path = cache_dir() / "onnx" / f"{model.name}-{weights_fingerprint(model)}-opset{ONNX_OPSET}.onnx"
+    if not path.is_file():
+        export_onnx(model, path, check=False)
+    return path
+
+
+def _fp32_cpu_folded(model: ECANFNet) -> FoldedECANFNet:
+    return prepare_for_inference(model, "fp32", channels_last=False, device="cpu")
+
+
+def export_onnx(model: ECANFNet, out: str | os.PathLike, image_size: int = 288,
+                check: bool = True) -> float | None:
+    """Write the folded fp32 network as ONNX (dynamic batch and size); with check, return the max relative logit error in ORT."""
+    folded = _fp32_cpu_folded(model)
+    example = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+
+    def write(tmp: str) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(folded, (example,), tmp, dynamo=False, opset_version=ONNX_OPSET,
+                              input_names=["images"], output_names=["logits"],
+                              dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}})
+    write_atomically(out, write)
+    if not check:
+        return None
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"images": example.numpy()})
+    return _max_error(folded, example, torch.from_numpy(got))
+
+
+def export_torchscript(model: ECANFNet, out: str | os.PathLike, image_size: int = 288) -> float:
+    """Write the folded network as traced TorchScript; return the reloaded file's max relative logit error."""
+    folded = _fp32_cpu_folded(model)
+    example = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(folded, example)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export; it still works
+        write_atomically(out, lambda tmp: torch.jit.save(traced, tmp))
+        loaded = torch.jit.load(str(out), map_location="cpu")
+    with torch.no_grad():
+        return _max_error(folded, example, loaded(example))
+
+
+def _max_error(folded: FoldedECANFNet, example: torch.Tensor, got: torch.Tensor) -> float:
+    """Largest logit difference relative to the largest logit magnitude."""
+    with torch.no_grad():
+        want = folded(example)
+    return float((want - got).abs().max() / want.abs().max().clamp_min(1e-12))
