@@ -13,7 +13,7 @@ _EXPORTS = {
     "save_pretrained": "weights",
     "resolve_weights": "weights",
     "load_checkpoint": "weights",
-    "WeightsError": "weights",
+    "WeightsError": "errors",
     "ECANFNet": "model",
     "NFNetConfig": "model",
     "CONFIGS": "model",
@@ -25,6 +25,12 @@ _EXPORTS = {
     "Prediction": "inference",
     "ImageResult": "inference",
     "imagenet_labels": "labels",
+    "prepare_for_inference": "folded",
+    "FoldedECANFNet": "folded",
+    "make_runner": "backends",
+    "export_onnx": "backends",
+    "export_torchscript": "backends",
+    "BackendError": "errors",
 }
 
 __all__ = ["__version__", *_EXPORTS]

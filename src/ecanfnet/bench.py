@@ -11,7 +11,8 @@ from typing import Any, Iterator
 
 import torch
 
-from .backends import BACKENDS, BackendError, cpu_has_native_bf16, make_runner, onnxruntime_available
+from .backends import BACKENDS, cpu_has_native_bf16, make_runner, onnxruntime_available
+from .errors import BackendError
 from .model import ECANFNet
 
 

@@ -9,11 +9,18 @@ import warnings
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import __version__
+from .errors import BackendError, WeightsError
 
 if TYPE_CHECKING:
     from .inference import ImageResult
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+BACKEND_CHOICES = ("auto", "torch", "compile", "onnxruntime")
+PRECISION_CHOICES = ("fp32", "bf16", "fp16")
+# Fewer images than this: `auto` uses eager torch, whose setup is instant; ONNX Runtime's session
+# set-up (and first-time export) costs more than it saves on a handful of images.
+AUTO_ORT_MIN_IMAGES = 16
+EXPORT_MAX_REL_ERROR = 1e-4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,13 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BACKEND_CHOICES = ("auto", "torch", "compile", "onnxruntime")
-PRECISION_CHOICES = ("fp32", "bf16", "fp16")
-# Fewer images than this: `auto` uses eager torch, whose setup is instant; ONNX Runtime's session
-# set-up (and first-time export) costs more than it saves on a handful of images.
-AUTO_ORT_MIN_IMAGES = 16
-EXPORT_MAX_REL_ERROR = 1e-4
-
 
 def _add_backend_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
@@ -100,19 +100,12 @@ def run_predict(args: argparse.Namespace) -> int:
 
     from .inference import Classifier, find_images
     from .transforms import MAX_IMAGE_PIXELS
-    from .weights import WeightsError
-
-    from .backends import BackendError
 
     paths, problems = find_images(args.paths)
     backend = args.backend
     if backend == "auto" and len(paths) < AUTO_ORT_MIN_IMAGES:
         backend = "torch"
-    try:
-        classifier = Classifier.from_pretrained(args.weights, _device(args.device), backend, args.precision)
-    except (WeightsError, BackendError) as exc:
-        print(f"ecanfnet: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    classifier = Classifier.from_pretrained(args.weights, _device(args.device), backend, args.precision)
 
     emit = _print_json if args.format == "json" else _print_table
     failed = 0
@@ -142,17 +135,13 @@ def _device(name: str):
 def run_bench(args: argparse.Namespace) -> int:
     """Time each backend/precision; one line (table row or JSON object) per configuration."""
     from .bench import available_configs, run_all
-    from .weights import WeightsError, create_model
+    from .weights import create_model
 
     device = _device(args.device)
     if args.weights is None:
         print("ecanfnet: note: no --weights given, timing randomly initialised weights "
               "(throughput does not depend on the values)", file=sys.stderr)
-    try:
-        model = create_model(pretrained=args.weights if args.weights is not None else False)
-    except WeightsError as exc:
-        print(f"ecanfnet: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    model = create_model(pretrained=args.weights if args.weights is not None else False)
     configs = available_configs(device)
     if args.backend:
         configs = [(b, p) for b in args.backend for p in (args.precision or ["fp32"])]
@@ -178,13 +167,9 @@ def run_export(args: argparse.Namespace) -> int:
     """Export the folded network and verify the written file reproduces the torch logits."""
     from .backends import export_onnx, export_torchscript
     from .transforms import eval_settings
-    from .weights import WeightsError, create_model
+    from .weights import create_model
 
-    try:
-        model = create_model(pretrained=args.weights if args.weights is not None else True)
-    except WeightsError as exc:
-        print(f"ecanfnet: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    model = create_model(pretrained=args.weights if args.weights is not None else True)
     size = args.image_size or eval_settings(model.pretrained_cfg)["image_size"]
     try:
         if args.kind == "onnx":
@@ -226,6 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = lambda msg, category, *a, **k: f"ecanfnet: warning: {msg}\n"
     try:
         return args.func(args)
+    except (WeightsError, BackendError) as exc:
+        print(f"ecanfnet: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("ecanfnet: interrupted", file=sys.stderr)
         return 130

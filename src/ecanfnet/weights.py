@@ -21,6 +21,7 @@ from typing import Any, Union
 from urllib.parse import urlparse
 
 import torch
+from .errors import WeightsError
 from .fileio import write_atomically
 from .model import CONFIGS, ECANFNet, build_model
 
@@ -36,10 +37,6 @@ DEFAULT_HUB_REPOS = {
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
-
-
-class WeightsError(RuntimeError):
-    """A weights source could not be found, read or matched to the network."""
 
 
 @dataclass
