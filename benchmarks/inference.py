@@ -26,9 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import timm_model  # noqa: E402  (randomised timm weights, shared with the tests)
+from conftest import photo_arrays, timm_model  # noqa: E402  (randomised timm weights, shared with the tests)
+from PIL import Image  # noqa: E402
 
-from ecanfnet import build_model  # noqa: E402
+from ecanfnet import build_model, eval_transform  # noqa: E402
 from ecanfnet.backends import cpu_has_native_bf16, make_runner  # noqa: E402
 
 
@@ -84,8 +85,15 @@ def measure(runs: dict[str, Callable], x: torch.Tensor, rounds: int, iters: int)
     return times
 
 
+def real_photo_batch(image_size: int) -> torch.Tensor:
+    """The real photos shipped with scikit-image / scikit-learn, preprocessed for the model."""
+    cfg = dict(build_model().pretrained_cfg, test_input_size=[3, image_size, image_size])
+    transform = eval_transform(cfg)
+    return torch.stack([transform(Image.fromarray(arr)) for arr in photo_arrays().values()])
+
+
 def agreement(runs: dict[str, Callable], x: torch.Tensor) -> dict[str, dict[str, float]]:
-    """Each candidate's logits against timm eager fp32: max relative error and top-1/top-5 agreement."""
+    """Each candidate's logits against timm eager fp32 on x: max relative error, top-1/top-5 agreement."""
     want = runs["timm eager fp32"](x).float()
     out = {}
     for name, fn in runs.items():
@@ -126,12 +134,14 @@ def main() -> None:
 
     print(f"# machine: {machine()}")
     results = []
+    photos = real_photo_batch(args.image_size)
+    print(f"# accuracy columns: logits on {len(photos)} real photos vs timm eager fp32")
     with tempfile.TemporaryDirectory() as tmp:
         for batch in args.batch_sizes:
             with_bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and (cpu_has_native_bf16() or batch == 1))
             runs = candidates(batch, not args.no_compile, with_bf16, Path(tmp))
             x = torch.randn(batch, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(batch))
-            agree = agreement(runs, x)
+            agree = agreement(runs, photos)
             times = measure(runs, x, args.rounds, args.iters)
             ips = {name: batch / statistics.median(t) for name, t in times.items()}
             eager, ort = ips["timm eager fp32"], ips["timm onnxruntime fp32"]

@@ -24,11 +24,12 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 def plain_conv(conv: ScaledStdConv2d, weight_scale: float = 1.0, bias_scale: float = 1.0) -> nn.Conv2d:
     """An nn.Conv2d holding conv's standardized weight (times weight_scale) and bias (times bias_scale)."""
-    out = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, bias=True)
+    with torch.device("meta"):  # skip the random init of weights that are replaced right away
+        out = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                        conv.dilation, conv.groups, bias=True)
     with torch.no_grad():
-        out.weight.copy_(conv.standardized_weight() * weight_scale)
-        out.bias.copy_(conv.bias * bias_scale)
+        out.weight = nn.Parameter(conv.standardized_weight() * weight_scale, requires_grad=False)
+        out.bias = nn.Parameter(conv.bias * bias_scale, requires_grad=False)
     return out
 
 
