@@ -145,3 +145,8 @@ def test_bench_json_lines_are_well_formed(capsys):
         assert row["images_per_s"] > 0 and row["ms_per_batch_p50"] > 0 and row["peak_rss_mb"] > 0
         assert np.isclose(row["images_per_s"], 2000 / row["ms_per_batch_p50"])
     assert "randomly initialised" in err
+
+
+def test_onnxruntime_on_a_gpu_device_is_refused(trio):
+    with pytest.raises(BackendError, match="runs on the CPU"):
+        make_runner(trio[1], "onnxruntime", "fp32", device="cuda")

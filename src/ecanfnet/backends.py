@@ -46,12 +46,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def check_precision(precision: str, backend: str, device: torch.device) -> None:
+def check_combination(precision: str, backend: str, device: torch.device) -> None:
     """Refuse combinations that cannot run; warn for bf16 on a CPU that only emulates it."""
     if precision not in PRECISIONS:
         raise BackendError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if backend == "onnxruntime" and precision != "fp32":
-        raise BackendError(f"the onnxruntime backend runs fp32 only (asked for {precision}); use --backend torch")
+    if backend == "onnxruntime":
+        if not onnxruntime_available():
+            raise BackendError("the onnxruntime backend needs the onnx extra: pip install 'ecanfnet[onnx]'")
+        if precision != "fp32":
+            raise BackendError(f"the onnxruntime backend runs fp32 only (asked for {precision}); use --backend torch")
+        if device.type != "cpu":
+            raise BackendError(f"the onnxruntime backend runs on the CPU (asked for {device}); use --backend torch")
     if precision == "fp16" and device.type != "cuda":
         raise BackendError("fp16 needs a CUDA device; on CPU use bf16 (where supported) or fp32")
     if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
@@ -78,7 +83,7 @@ def make_runner(model: ECANFNet, backend: str = "auto", precision: str = "fp32",
     """Fold the model and wrap it in the requested backend (see BACKENDS; 'auto' picks the fastest fp32)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     backend = resolve_backend(backend, device)
-    check_precision(precision, backend, device)
+    check_combination(precision, backend, device)
     if backend == "onnxruntime":
         return Runner(_onnxruntime_fn(model), backend, precision, device)
     folded = prepare_for_inference(model, precision, channels_last=True, device=device)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from PIL import Image
 
+from .backends import make_runner
 from .labels import label_names_for
 from .model import ECANFNet
 from .transforms import MAX_IMAGE_PIXELS, ImageLoadError, eval_transform, is_image_file, load_image, to_rgb
@@ -107,8 +108,6 @@ class Classifier:
 
     def __init__(self, model: ECANFNet, device: str | torch.device | None = None,
                  backend: str = "auto", precision: str = "fp32") -> None:
-        from .backends import make_runner
-
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.eval()
         self.runner = make_runner(model, backend, precision, self.device)
