@@ -1,0 +1,1 @@
+"""Training with the model card's recipe (work in progress: adaptive gradient clipping so far)."""
