@@ -1,0 +1,74 @@
+"""Image-folder datasets for training: one subfolder per class, bad files skipped and reported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import Dataset
+
+from ..transforms import ImageLoadError, is_image_file, load_image
+
+
+def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names (sorted subfolder names) and (path, class index) for every image file below them."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder (expected one subfolder per class)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{root}: no class subfolders found (expected ROOT/CLASS_NAME/IMAGE files)")
+    samples = [(str(f), i) for i, c in enumerate(classes)
+               for f in sorted((root / c).rglob("*")) if f.is_file() and is_image_file(f)]
+    if not samples:
+        raise ValueError(f"{root}: the class subfolders hold no image files")
+    return classes, samples
+
+
+class ImageFolderDataset(Dataset):
+    """(image tensor, label) pairs; an unreadable file yields (None, label, reason) for the collate to drop."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable[[Any], torch.Tensor]) -> None:
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str | None]:
+        path, label = self.samples[index]
+        try:
+            return self.transform(load_image(path)), label, None
+        except ImageLoadError as exc:
+            return None, label, str(exc)
+
+
+def collate_skipping_bad(items: list[tuple[torch.Tensor | None, int, str | None]]):
+    """Stack the readable samples; return (images, labels, [reasons for the skipped ones])."""
+    good = [(x, y) for x, y, _ in items if x is not None]
+    errors = [err for x, _, err in items if x is None]
+    if not good:
+        return None, None, errors
+    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), errors
+
+
+def split_samples(samples: list[tuple[str, int]], fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded random split into (train, val) with round(fraction * n) validation samples (at least 1)."""
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, round(fraction * len(samples)))
+    val_idx = set(order[:n_val])
+    return ([s for i, s in enumerate(samples) if i not in val_idx],
+            [s for i, s in enumerate(samples) if i in val_idx])
+
+
+def train_transform(image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                    randaugment: bool = True) -> Callable:
+    """RandomResizedCrop (bicubic) + horizontal flip + RandAugment(2, 9) + normalisation, via torchvision."""
+    from torchvision import transforms as T
+
+    steps = [T.RandomResizedCrop(image_size, interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip()]
+    if randaugment:
+        steps.append(T.RandAugment(num_ops=2, magnitude=9, interpolation=T.InterpolationMode.BICUBIC))
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)

@@ -1,0 +1,245 @@
+"""Fine-tuning / training with the card's recipe: SGD Nesterov, cosine with warm-up, AGC 0.015,
+label smoothing, RandAugment, dropout and stochastic depth; exact resume from epoch checkpoints.
+
+Every random choice of epoch E (data order, augmentation, dropout) is seeded from (seed, E), and
+the training state is saved at the end of each epoch, so a run killed anywhere in epoch E and
+resumed replays epoch E from the same state and ends with bitwise the same weights (CPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..fileio import write_atomically
+from ..model import ECANFNet
+from ..transforms import eval_transform
+from ..weights import WeightsSource, create_model, save_pretrained
+from .agc import adaptive_clip_grad_
+from .data import ImageFolderDataset, collate_skipping_bad, scan_image_folder, split_samples, train_transform
+
+STATE_FILE = "training/last.pt"
+METRICS_FILE = "metrics.csv"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, unusable data); the message says where and why."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; the defaults are the card's recipe scaled to small datasets."""
+
+    data: str
+    output: str
+    val: str | None = None
+    val_split: float = 0.1
+    weights: WeightsSource | None = None       # None: the published checkpoint
+    from_scratch: bool = False
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float | None = None                     # None: 0.1 * batch_size / 256 (NFNet paper)
+    weight_decay: float = 2e-5                  # not applied to gains and biases
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    agc_clip: float = 0.015                     # 0 disables AGC
+    drop_rate: float = 0.2
+    drop_path_rate: float = 0.1
+    image_size: int = 224
+    randaugment: bool = True
+    freeze_backbone: bool = False
+    workers: int = 0
+    seed: int = 0
+    deterministic: bool = False
+    resume: bool = False
+    progress: bool = True
+    history: list[dict[str, float]] = field(default_factory=list, repr=False)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) training; returns OUT, a hub-layout folder holding the best weights and labels."""
+    out = Path(cfg.output)
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    classes, samples = scan_image_folder(cfg.data)
+    if cfg.val:
+        val_classes, val_samples = scan_image_folder(cfg.val)
+        if val_classes != classes:
+            raise TrainingError(f"{cfg.val}: its class folders {val_classes} differ from {cfg.data}'s {classes}")
+        train_samples = samples
+    else:
+        train_samples, val_samples = split_samples(samples, cfg.val_split, cfg.seed)
+
+    torch.manual_seed(cfg.seed)  # the new classifier's initialisation
+    model = _initial_model(cfg, len(classes))
+    model.pretrained_cfg["label_names"] = classes
+    mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
+    train_ds = ImageFolderDataset(train_samples, train_transform(cfg.image_size, mean, std, cfg.randaugment))
+    val_cfg = dict(model.pretrained_cfg, test_input_size=[3, cfg.image_size, cfg.image_size], test_crop_pct=1.0)
+    val_ds = ImageFolderDataset(val_samples, eval_transform(val_cfg))
+
+    optimizer = _optimizer(model, cfg)
+    steps_per_epoch = max(1, math.ceil(len(train_ds) / cfg.batch_size))
+    lr = cfg.lr if cfg.lr is not None else 0.1 * cfg.batch_size / 256
+    start_epoch, best = 0, -1.0
+    state_path = out / STATE_FILE
+    if cfg.resume and state_path.is_file():
+        start_epoch, best, cfg.history = _load_state(state_path, model, optimizer)
+        _say(f"resuming {out} after epoch {start_epoch}")
+    reported: set[str] = set()
+    for epoch in range(start_epoch, cfg.epochs):
+        _seed_epoch(cfg.seed, epoch)
+        loader = DataLoader(train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.workers,
+                            collate_fn=collate_skipping_bad, drop_last=False,
+                            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        train_loss = _train_epoch(model, loader, optimizer, cfg, epoch, lr, steps_per_epoch, reported)
+        metrics = evaluate_loader(model, DataLoader(val_ds, cfg.batch_size, collate_fn=collate_skipping_bad,
+                                                    num_workers=cfg.workers), reported, cfg)
+        row = {"epoch": epoch + 1, "train_loss": train_loss, **metrics}
+        cfg.history.append(row)
+        if metrics["val_top1"] > best:
+            best = metrics["val_top1"]
+            save_pretrained(model, out, label_names=classes)
+        _save_state(state_path, model, optimizer, epoch + 1, best, cfg.history)
+        _write_metrics(out, cfg.history)
+        _say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {metrics['val_loss']:.4f}, "
+                  f"top-1 {metrics['val_top1']:.3f}, top-5 {metrics['val_top5']:.3f}")
+    return out
+
+
+def _initial_model(cfg: TrainConfig, num_classes: int) -> ECANFNet:
+    if cfg.from_scratch:
+        return create_model(num_classes=num_classes, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the new head is expected: the dataset has its own classes
+        model = create_model(pretrained=cfg.weights if cfg.weights is not None else True, num_classes=num_classes,
+                             drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
+    if cfg.freeze_backbone:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("head."))
+    return model
+
+
+def _optimizer(model: ECANFNet, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith((".gain", ".bias")) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, nesterov=True)
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warm-up to peak over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * peak * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _train_epoch(model: ECANFNet, loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                 epoch: int, peak_lr: float, steps_per_epoch: int, reported: set[str]) -> float:
+    from tqdm import tqdm
+
+    model.train()
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    clip_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.fc")]
+    total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+    losses, seen, start = [], 0, time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", file=sys.stderr,
+               disable=not cfg.progress, leave=False)
+    for i, (x, y, errors) in enumerate(bar):
+        _report(errors, reported)
+        if x is None:
+            continue
+        step = epoch * steps_per_epoch + i
+        lr = lr_at(step, total, warmup, peak_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = criterion(model(x), y)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {i + 1}; stopped. "
+                                f"The last good checkpoint (end of epoch {epoch}) is kept in {cfg.output}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.agc_clip > 0:
+            adaptive_clip_grad_(clip_params, cfg.agc_clip)
+        optimizer.step()
+        losses.append(loss.item() * len(y))
+        seen += len(y)
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
+    if not seen:
+        raise TrainingError(f"{cfg.data}: no readable training images in epoch {epoch + 1}")
+    return sum(losses) / seen
+
+
+@torch.no_grad()
+def evaluate_loader(model: nn.Module, loader: DataLoader, reported: set[str] | None = None,
+                    cfg: TrainConfig | None = None) -> dict[str, float]:
+    """Mean cross-entropy, top-1 and top-5 accuracy of model over a loader of collate_skipping_bad batches."""
+    model.eval()
+    loss_sum, top1, top5, n = 0.0, 0, 0, 0
+    for x, y, errors in loader:
+        _report(errors, reported if reported is not None else set())
+        if x is None:
+            continue
+        logits = model(x)
+        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        top1 += (top[:, 0] == y).sum().item()
+        top5 += (top == y[:, None]).any(dim=1).sum().item()
+        n += len(y)
+    if not n:
+        return {"val_loss": float("nan"), "val_top1": 0.0, "val_top5": 0.0}
+    return {"val_loss": loss_sum / n, "val_top1": top1 / n, "val_top5": top5 / n}
+
+
+def _report(errors: list[str], reported: set[str]) -> None:
+    for err in errors:
+        if err not in reported:
+            reported.add(err)
+            print(f"ecanfnet: skipped unreadable image: {err}", file=sys.stderr)
+
+
+def _seed_epoch(seed: int, epoch: int) -> None:
+    torch.manual_seed(seed * 100_003 + epoch)
+
+
+def _save_state(path: Path, model: ECANFNet, optimizer: torch.optim.Optimizer, epoch: int, best: float,
+                history: list[dict[str, float]]) -> None:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best": best,
+             "history": history}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_atomically(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
+
+
+def _load_state(path: Path, model: ECANFNet, optimizer: torch.optim.Optimizer) -> tuple[int, float, list]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["epoch"]), float(state["best"]), list(state["history"])
+
+
+def _write_metrics(out: Path, history: list[dict[str, float]]) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(history[0]))
+            writer.writeheader()
+            writer.writerows(history)
+    write_atomically(out / METRICS_FILE, write)
+
+
+def _say(message: str) -> None:
+    print(f"ecanfnet: {message}", file=sys.stderr)
+

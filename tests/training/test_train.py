@@ -1,0 +1,114 @@
+"""Training runs on a tiny real-photo ImageFolder: loss falls, output loads in ecanfnet and timm,
+kill-and-resume is bitwise exact, bad files are skipped, a non-finite loss stops the run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import photo_arrays
+from ecanfnet import create_model
+from ecanfnet.training.loop import STATE_FILE, TrainConfig, TrainingError, train
+
+ROOT = Path(__file__).resolve().parents[2]
+CLASSES = ("astronaut", "coffee", "rocket")
+
+
+def make_image_folder(root: Path, per_class: int = 6, size: int = 80) -> Path:
+    """Crops of three real photos, one class each."""
+    photos = photo_arrays()
+    rng = np.random.default_rng(0)
+    for name in CLASSES:
+        arr = photos[name]
+        (root / name).mkdir(parents=True)
+        h, w = arr.shape[:2]
+        for i in range(per_class):
+            y, x = rng.integers(0, h // 3), rng.integers(0, w // 3)
+            crop = Image.fromarray(arr[y:y + 2 * h // 3, x:x + 2 * w // 3]).resize((size, size))
+            crop.save(root / name / f"{i}.jpg", quality=90)
+    return root
+
+
+def tiny_config(data: Path, out: Path, weights: Path, **overrides) -> TrainConfig:
+    settings = dict(data=str(data), output=str(out), weights=str(weights), epochs=3, batch_size=6,
+                    image_size=64, lr=0.02, val_split=0.2, warmup_epochs=0.5, progress=False,
+                    deterministic=True, seed=1)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("imagefolder"))
+
+
+def test_tiny_run_learns_and_its_output_loads_in_ecanfnet_and_timm(tmp_path, folder, timm_hub_folder):
+    import timm
+
+    # from scratch (the NF init: every residual branch starts at zero) with the recipe's defaults
+    out = train(tiny_config(folder, tmp_path / "out", timm_hub_folder, epochs=5, from_scratch=True, lr=0.05))
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "epoch,train_loss,val_loss,val_top1,val_top5" and len(rows) == 6
+    losses = [float(r.split(",")[1]) for r in rows[1:]]
+    assert losses[-1] < losses[0], losses
+    ours = create_model(pretrained=out).eval()
+    assert ours.pretrained_cfg["label_names"] == list(CLASSES)
+    ref = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_killed_run_resumes_to_bitwise_the_same_weights(tmp_path, folder, timm_hub_folder):
+    straight = train(tiny_config(folder, tmp_path / "straight", timm_hub_folder))
+    killed = tmp_path / "killed"
+    code = ("import sys; from ecanfnet.training.loop import train, TrainConfig; "
+            f"train(TrainConfig(**{tiny_config(folder, killed, timm_hub_folder).__dict__!r}))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (killed / STATE_FILE).exists():  # wait for the end of epoch 1, then kill during epoch 2
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed = train(tiny_config(folder, killed, timm_hub_folder, resume=True))
+    a = torch.load(straight / STATE_FILE, weights_only=True)["model"]
+    b = torch.load(resumed / STATE_FILE, weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (straight / "metrics.csv").read_text() == (resumed / "metrics.csv").read_text()
+
+
+def test_corrupt_training_image_is_reported_and_skipped(tmp_path, folder, timm_hub_folder, capsys):
+    import shutil
+
+    broken = tmp_path / "data_with_broken"
+    shutil.copytree(folder, broken)
+    (broken / "coffee" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = train(tiny_config(broken, tmp_path / "out", timm_hub_folder, epochs=1, val_split=0.01))
+    err = capsys.readouterr().err
+    assert "skipped unreadable image" in err and "broken.jpg" in err
+    assert err.count("broken.jpg") == 1
+    assert (out / "model.safetensors").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, folder, timm_hub_folder):
+    out = tmp_path / "out"
+    train(tiny_config(folder, out, timm_hub_folder, epochs=1))
+    good = load_file(out / "model.safetensors")
+    with pytest.raises(TrainingError, match=r"non-finite loss .* at epoch 2, step \d+"):
+        train(tiny_config(folder, out, timm_hub_folder, epochs=2, resume=True, lr=1e30, agc_clip=0.0))
+    kept = load_file(out / "model.safetensors")
+    assert all(torch.equal(good[k], kept[k]) for k in good)
