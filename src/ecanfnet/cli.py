@@ -75,6 +75,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size of the check input (default: the checkpoint's test size); the ONNX file "
                         "accepts any batch and size")
     e.set_defaults(func=run_export)
+
+    t = sub.add_parser("train", help="fine-tune (or train from scratch) on an image folder",
+                       description="Train on DATA/CLASS_NAME/IMAGE files with the model card's recipe: "
+                                   "SGD Nesterov, cosine decay with warm-up, AGC 0.015, label smoothing, "
+                                   "RandAugment, dropout and stochastic depth. OUT becomes a hub-layout "
+                                   "folder (best weights + labels), with metrics.csv and training/last.pt.")
+    t.add_argument("--data", required=True, metavar="DIR", help="training images, one subfolder per class")
+    t.add_argument("--output", required=True, metavar="OUT", help="folder for the trained model and logs")
+    val = t.add_mutually_exclusive_group()
+    val.add_argument("--val", metavar="DIR", help="validation images (same class folders)")
+    val.add_argument("--val-split", type=float, default=0.1, metavar="F",
+                     help="hold out this fraction of --data for validation (default 0.1)")
+    src = t.add_mutually_exclusive_group()
+    src.add_argument("--weights", metavar="SRC", help="starting weights (default: hf-hub:timm/eca_nfnet_l0)")
+    src.add_argument("--from-scratch", action="store_true", help="random initialisation instead")
+    t.add_argument("--epochs", type=_positive_int, default=10)
+    t.add_argument("--batch-size", type=_positive_int, default=32)
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.1 x batch / 256)")
+    t.add_argument("--weight-decay", type=float, default=2e-5, help="not applied to gains and biases")
+    t.add_argument("--warmup-epochs", type=float, default=1.0)
+    t.add_argument("--label-smoothing", type=float, default=0.1)
+    t.add_argument("--agc", type=float, default=0.015, metavar="CLIP", help="AGC factor; 0 disables it")
+    t.add_argument("--drop-rate", type=float, default=0.2, help="dropout before the classifier")
+    t.add_argument("--drop-path-rate", type=float, default=0.1, help="stochastic depth, last block")
+    t.add_argument("--image-size", type=_positive_int, default=224)
+    t.add_argument("--no-randaugment", action="store_true")
+    t.add_argument("--freeze-backbone", action="store_true", help="train the classifier only (linear probe)")
+    t.add_argument("--workers", type=int, default=2, help="data loading processes (default 2)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--deterministic", action="store_true", help="deterministic kernels (exact reruns on CPU)")
+    t.add_argument("--resume", action="store_true", help="continue OUT from its last finished epoch")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=run_train)
     return parser
 
 
@@ -184,6 +217,27 @@ def run_export(args: argparse.Namespace) -> int:
     print(f"wrote {args.output}; max relative logit error vs torch at {size}x{size}: {error:.2e} "
           f"({'ok' if ok else 'TOO LARGE'}, limit {EXPORT_MAX_REL_ERROR:.0e})")
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train and report where the model went."""
+    from .training.loop import TrainConfig, TrainingError, train
+
+    cfg = TrainConfig(
+        data=args.data, output=args.output, val=args.val, val_split=args.val_split, weights=args.weights,
+        from_scratch=args.from_scratch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
+        agc_clip=args.agc, drop_rate=args.drop_rate, drop_path_rate=args.drop_path_rate,
+        image_size=args.image_size, randaugment=not args.no_randaugment, freeze_backbone=args.freeze_backbone,
+        workers=args.workers, seed=args.seed, deterministic=args.deterministic, resume=args.resume,
+        progress=not args.no_progress)
+    try:
+        out = train(cfg)
+    except (TrainingError, FileNotFoundError, ValueError) as exc:
+        print(f"ecanfnet: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"trained model in {out} (predict with: ecanfnet predict --weights {out} IMAGES)")
+    return EXIT_OK
 
 
 def _print_json(result: ImageResult, write: Callable[..., None]) -> None:

@@ -112,3 +112,24 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, fold
         train(tiny_config(folder, out, timm_hub_folder, epochs=2, resume=True, lr=1e30, agc_clip=0.0))
     kept = load_file(out / "model.safetensors")
     assert all(torch.equal(good[k], kept[k]) for k in good)
+
+
+def test_train_command_writes_a_model_that_predict_uses(tmp_path, folder, capsys):
+    from conftest import read_json_lines
+    from ecanfnet.cli import main
+
+    out = tmp_path / "cli_out"
+    code = main(["train", "--data", str(folder), "--output", str(out), "--from-scratch", "--epochs", "1",
+                 "--batch-size", "6", "--image-size", "64", "--workers", "0", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert f"trained model in {out}" in capsys.readouterr().out
+    code = main(["predict", "--weights", str(out), "--format", "json", str(folder / "coffee" / "0.jpg")])
+    (row,) = read_json_lines(capsys.readouterr().out)
+    assert code == 0 and {p["label"] for p in row["predictions"]} == set(CLASSES)
+
+
+def test_train_command_names_a_missing_folder(tmp_path, capsys):
+    from ecanfnet.cli import main
+
+    assert main(["train", "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "o"), "--from-scratch"]) == 1
+    assert "nope: no such folder" in capsys.readouterr().err

@@ -1,1 +1,1 @@
-"""Training with the model card's recipe (work in progress: adaptive gradient clipping so far)."""
+"""Training with the model card's recipe: AGC, image-folder data, the training loop with exact resume."""
