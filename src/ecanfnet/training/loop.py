@@ -67,8 +67,16 @@ class TrainConfig:
 
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) training; returns OUT, a hub-layout folder holding the best weights and labels."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(cfg.deterministic or was_deterministic)
+    try:
+        return _train(cfg)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _train(cfg: TrainConfig) -> Path:
     out = Path(cfg.output)
-    torch.use_deterministic_algorithms(cfg.deterministic)
     classes, samples = scan_image_folder(cfg.data)
     if cfg.val:
         val_classes, val_samples = scan_image_folder(cfg.val)
