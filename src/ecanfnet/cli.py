@@ -108,6 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue OUT from its last finished epoch")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=run_train)
+
+    v = sub.add_parser("evaluate", help="top-1, top-5 and loss of a checkpoint on an image folder",
+                       description="Evaluate on DATA/CLASS/IMAGE files. Class folders are matched to the "
+                                   "checkpoint's classes by label name, by WordNet id (n01440764) for "
+                                   "ImageNet checkpoints, or by index (0, 1, ...).")
+    v.add_argument("--data", required=True, metavar="DIR")
+    v.add_argument("--weights", metavar="SRC", default=None, help="default: hf-hub:timm/eca_nfnet_l0")
+    v.add_argument("--batch-size", type=_positive_int, default=32)
+    v.add_argument("--workers", type=int, default=2, help="data loading processes (default 2)")
+    v.add_argument("--per-class-csv", metavar="FILE", default="per_class_accuracy.csv",
+                   help="where to write per-class accuracy (default ./per_class_accuracy.csv)")
+    v.add_argument("--format", choices=("table", "json"), default="table")
+    v.set_defaults(func=run_evaluate)
     return parser
 
 
@@ -238,6 +251,31 @@ def run_train(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print(f"trained model in {out} (predict with: ecanfnet predict --weights {out} IMAGES)")
     return EXIT_OK
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint on a labelled folder; print the summary, write the per-class CSV."""
+    from .backends import make_runner
+    from .training.evaluate import evaluate_folder, write_per_class_csv
+    from .weights import create_model
+
+    model = create_model(pretrained=args.weights if args.weights is not None else True)
+    try:
+        report = evaluate_folder(model, args.data, args.batch_size, args.workers,
+                                 forward=make_runner(model, "torch", "fp32", "cpu"))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"ecanfnet: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for reason in report.skipped:
+        print(f"ecanfnet: skipped unreadable image: {reason}", file=sys.stderr)
+    csv_path = write_per_class_csv(report, args.per_class_csv)
+    summary = {**report.summary(), "per_class_csv": str(csv_path)}
+    if args.format == "json":
+        print(json.dumps(summary))
+    else:
+        print(f"images {summary['images']}  top-1 {100 * report.top1:.2f}%  top-5 {100 * report.top5:.2f}%  "
+              f"loss {report.loss:.4f}  (skipped {len(report.skipped)}; per class: {csv_path})")
+    return EXIT_OK if report.images else EXIT_FAILED
 
 
 def _print_json(result: ImageResult, write: Callable[..., None]) -> None:

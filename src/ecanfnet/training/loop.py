@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -25,6 +26,7 @@ from ..transforms import eval_transform
 from ..weights import WeightsSource, create_model, save_pretrained
 from .agc import adaptive_clip_grad_
 from .data import ImageFolderDataset, collate_skipping_bad, scan_image_folder, split_samples, train_transform
+from .evaluate import Tally
 
 STATE_FILE = "training/last.pt"
 METRICS_FILE = "metrics.csv"
@@ -110,7 +112,7 @@ def _train(cfg: TrainConfig) -> Path:
                             generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
         train_loss = _train_epoch(model, loader, optimizer, cfg, epoch, lr, steps_per_epoch, reported)
         metrics = evaluate_loader(model, DataLoader(val_ds, cfg.batch_size, collate_fn=collate_skipping_bad,
-                                                    num_workers=cfg.workers), reported, cfg)
+                                                    num_workers=cfg.workers), reported)
         row = {"epoch": epoch + 1, "train_loss": train_loss, **metrics}
         cfg.history.append(row)
         if metrics["val_top1"] > best:
@@ -192,24 +194,16 @@ def _train_epoch(model: ECANFNet, loader: DataLoader, optimizer: torch.optim.Opt
 
 
 @torch.no_grad()
-def evaluate_loader(model: nn.Module, loader: DataLoader, reported: set[str] | None = None,
-                    cfg: TrainConfig | None = None) -> dict[str, float]:
-    """Mean cross-entropy, top-1 and top-5 accuracy of model over a loader of collate_skipping_bad batches."""
+def evaluate_loader(model: nn.Module, loader: DataLoader, reported: set[str]) -> dict[str, float]:
+    """Validation loss, top-1 and top-5 of model over a loader of collate_skipping_bad batches."""
     model.eval()
-    loss_sum, top1, top5, n = 0.0, 0, 0, 0
+    tally = Tally()
     for x, y, errors in loader:
-        _report(errors, reported if reported is not None else set())
-        if x is None:
-            continue
-        logits = model(x)
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        top1 += (top[:, 0] == y).sum().item()
-        top5 += (top == y[:, None]).any(dim=1).sum().item()
-        n += len(y)
-    if not n:
-        return {"val_loss": float("nan"), "val_top1": 0.0, "val_top5": 0.0}
-    return {"val_loss": loss_sum / n, "val_top1": top1 / n, "val_top5": top5 / n}
+        _report(errors, reported)
+        if x is not None:
+            tally.add(model(x), y)
+    loss, top1, top5 = tally.totals()
+    return {"val_loss": loss, "val_top1": top1, "val_top5": top5}
 
 
 def _report(errors: list[str], reported: set[str]) -> None:
