@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--image-size", type=_positive_int, default=224)
     t.add_argument("--no-randaugment", action="store_true")
     t.add_argument("--freeze-backbone", action="store_true", help="train the classifier only (linear probe)")
+    t.add_argument("--accum-steps", type=_positive_int, default=1, metavar="N",
+                   help="gradient accumulation: one optimizer step every N batches")
+    t.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast mixed precision")
+    t.add_argument("--ema-decay", type=float, default=0.0, metavar="D",
+                   help="keep an EMA of the weights (e.g. 0.9998); it is what gets validated and saved")
+    t.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="MixUp alpha (0: off)")
+    t.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA", help="CutMix alpha (0: off)")
     t.add_argument("--workers", type=int, default=2, help="data loading processes (default 2)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--deterministic", action="store_true", help="deterministic kernels (exact reruns on CPU)")
@@ -242,7 +249,8 @@ def run_train(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
         agc_clip=args.agc, drop_rate=args.drop_rate, drop_path_rate=args.drop_path_rate,
         image_size=args.image_size, randaugment=not args.no_randaugment, freeze_backbone=args.freeze_backbone,
-        workers=args.workers, seed=args.seed, deterministic=args.deterministic, resume=args.resume,
+        accum_steps=args.accum_steps, precision=args.precision, ema_decay=args.ema_decay, mixup=args.mixup,
+        cutmix=args.cutmix, workers=args.workers, seed=args.seed, deterministic=args.deterministic, resume=args.resume,
         progress=not args.no_progress)
     try:
         out = train(cfg)

@@ -61,6 +61,7 @@ def test_tiny_run_learns_and_its_output_loads_in_ecanfnet_and_timm(tmp_path, fol
     assert rows[0] == "epoch,train_loss,val_loss,val_top1,val_top5" and len(rows) == 6
     losses = [float(r.split(",")[1]) for r in rows[1:]]
     assert losses[-1] < losses[0], losses
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ours = create_model(pretrained=out).eval()
     assert ours.pretrained_cfg["label_names"] == list(CLASSES)
     ref = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
@@ -133,3 +134,26 @@ def test_train_command_names_a_missing_folder(tmp_path, capsys):
 
     assert main(["train", "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "o"), "--from-scratch"]) == 1
     assert "nope: no such folder" in capsys.readouterr().err
+
+
+def test_accumulation_bf16_ema_and_mixing_run_resume_and_export(tmp_path, folder, timm_hub_folder):
+    options = dict(epochs=2, accum_steps=2, precision="bf16", ema_decay=0.9, mixup=0.8, cutmix=1.0,
+                   freeze_backbone=False)
+    straight = train(tiny_config(folder, tmp_path / "straight", timm_hub_folder, **options))
+    first = tmp_path / "resumed"
+    train(tiny_config(folder, first, timm_hub_folder, **{**options, "epochs": 1}))
+    resumed = train(tiny_config(folder, first, timm_hub_folder, **options, resume=True))
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = torch.load(straight / STATE_FILE, weights_only=True)
+    assert state["ema"] and not torch.equal(state["ema"]["module.head.fc.weight"], state["model"]["head.fc.weight"])
+    assert create_model(pretrained=straight).num_classes == 3
+
+
+def test_freeze_backbone_trains_only_the_classifier(tmp_path, folder, timm_hub_folder):
+    out = train(tiny_config(folder, tmp_path / "probe", timm_hub_folder, epochs=1, freeze_backbone=True,
+                            drop_path_rate=0.0))
+    trained = load_file(out / "model.safetensors")
+    start = load_file(timm_hub_folder / "model.safetensors")
+    assert all(torch.equal(trained[k], start[k]) for k in start if not k.startswith("head."))
+    assert trained["head.fc.weight"].shape == (3, 2304)

@@ -59,6 +59,11 @@ class TrainConfig:
     image_size: int = 224
     randaugment: bool = True
     freeze_backbone: bool = False
+    accum_steps: int = 1                        # gradient accumulation: optimizer step every N batches
+    precision: str = "fp32"                     # or "bf16" (autocast)
+    ema_decay: float = 0.0                      # e.g. 0.9998; 0 disables the weight EMA
+    mixup: float = 0.0                          # MixUp alpha; 0 disables
+    cutmix: float = 0.0                         # CutMix alpha; 0 disables (both on: one per batch)
     workers: int = 0
     seed: int = 0
     deterministic: bool = False
@@ -96,13 +101,17 @@ def _train(cfg: TrainConfig) -> Path:
     val_cfg = dict(model.pretrained_cfg, test_input_size=[3, cfg.image_size, cfg.image_size], test_crop_pct=1.0)
     val_ds = ImageFolderDataset(val_samples, eval_transform(val_cfg))
 
+    if cfg.precision not in ("fp32", "bf16"):
+        raise TrainingError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
     optimizer = _optimizer(model, cfg)
-    steps_per_epoch = max(1, math.ceil(len(train_ds) / cfg.batch_size))
+    ema = _ema(model, cfg.ema_decay)
+    mix = _batch_mixer(cfg, len(classes))
+    steps_per_epoch = max(1, math.ceil(math.ceil(len(train_ds) / cfg.batch_size) / cfg.accum_steps))
     lr = cfg.lr if cfg.lr is not None else 0.1 * cfg.batch_size / 256
     start_epoch, best = 0, -1.0
     state_path = out / STATE_FILE
     if cfg.resume and state_path.is_file():
-        start_epoch, best, cfg.history = _load_state(state_path, model, optimizer)
+        start_epoch, best, cfg.history = _load_state(state_path, model, optimizer, ema)
         _say(f"resuming {out} after epoch {start_epoch}")
     reported: set[str] = set()
     for epoch in range(start_epoch, cfg.epochs):
@@ -110,30 +119,31 @@ def _train(cfg: TrainConfig) -> Path:
         loader = DataLoader(train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.workers,
                             collate_fn=collate_skipping_bad, drop_last=False,
                             generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        train_loss = _train_epoch(model, loader, optimizer, cfg, epoch, lr, steps_per_epoch, reported)
-        metrics = evaluate_loader(model, DataLoader(val_ds, cfg.batch_size, collate_fn=collate_skipping_bad,
+        train_loss = _train_epoch(model, loader, optimizer, cfg, epoch, lr, steps_per_epoch, reported, ema, mix)
+        final = ema.module if ema is not None else model  # the weights that are validated and exported
+        metrics = evaluate_loader(final, DataLoader(val_ds, cfg.batch_size, collate_fn=collate_skipping_bad,
                                                     num_workers=cfg.workers), reported)
         row = {"epoch": epoch + 1, "train_loss": train_loss, **metrics}
         cfg.history.append(row)
         if metrics["val_top1"] > best:
             best = metrics["val_top1"]
-            save_pretrained(model, out, label_names=classes)
-        _save_state(state_path, model, optimizer, epoch + 1, best, cfg.history)
+            save_pretrained(final, out, label_names=classes)
+        _save_state(state_path, model, optimizer, ema, epoch + 1, best, cfg.history)
         _write_metrics(out, cfg.history)
+        _plot_curves(out, cfg.history)
         _say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {metrics['val_loss']:.4f}, "
                   f"top-1 {metrics['val_top1']:.3f}, top-5 {metrics['val_top5']:.3f}")
     return out
 
 
 def _initial_model(cfg: TrainConfig, num_classes: int) -> ECANFNet:
-    if cfg.from_scratch:
-        return create_model(num_classes=num_classes, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
     import warnings
 
+    source = False if cfg.from_scratch else (cfg.weights if cfg.weights is not None else True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the new head is expected: the dataset has its own classes
-        model = create_model(pretrained=cfg.weights if cfg.weights is not None else True, num_classes=num_classes,
-                             drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
+        model = create_model(pretrained=source, num_classes=num_classes, drop_rate=cfg.drop_rate,
+                             drop_path_rate=cfg.drop_path_rate)
     if cfg.freeze_backbone:
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("head."))
@@ -157,8 +167,28 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _ema(model: ECANFNet, decay: float):
+    """An exponential moving average of the weights (torch's AveragedModel), or None when decay is 0."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+
+
+def _batch_mixer(cfg: TrainConfig, num_classes: int):
+    """torchvision's MixUp / CutMix on whole batches (one of them per batch when both are on), or None."""
+    if not (cfg.mixup or cfg.cutmix):
+        return None
+    from torchvision.transforms import v2
+
+    mixers = ([v2.MixUp(alpha=cfg.mixup, num_classes=num_classes)] if cfg.mixup else []) + \
+             ([v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes)] if cfg.cutmix else [])
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
 def _train_epoch(model: ECANFNet, loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                 epoch: int, peak_lr: float, steps_per_epoch: int, reported: set[str]) -> float:
+                 epoch: int, peak_lr: float, steps_per_epoch: int, reported: set[str], ema, mix) -> float:
     from tqdm import tqdm
 
     model.train()
@@ -168,23 +198,32 @@ def _train_epoch(model: ECANFNet, loader: DataLoader, optimizer: torch.optim.Opt
     losses, seen, start = [], 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", file=sys.stderr,
                disable=not cfg.progress, leave=False)
+    optimizer.zero_grad(set_to_none=True)
+    lr = 0.0
     for i, (x, y, errors) in enumerate(bar):
         _report(errors, reported)
         if x is None:
             continue
-        step = epoch * steps_per_epoch + i
-        lr = lr_at(step, total, warmup, peak_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = criterion(model(x), y)
+        target = y
+        if mix is not None:
+            x, target = mix(x, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            logits = model(x)
+        loss = criterion(logits.float(), target)
         if not torch.isfinite(loss):
             raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {i + 1}; stopped. "
                                 f"The last good checkpoint (end of epoch {epoch}) is kept in {cfg.output}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.agc_clip > 0:
-            adaptive_clip_grad_(clip_params, cfg.agc_clip)
-        optimizer.step()
+        (loss / cfg.accum_steps).backward()
+        if (i + 1) % cfg.accum_steps == 0 or i + 1 == len(loader):
+            lr = lr_at(epoch * steps_per_epoch + i // cfg.accum_steps, total, warmup, peak_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if cfg.agc_clip > 0:
+                adaptive_clip_grad_(clip_params, cfg.agc_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update_parameters(model)
         losses.append(loss.item() * len(y))
         seen += len(y)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
@@ -217,19 +256,23 @@ def _seed_epoch(seed: int, epoch: int) -> None:
     torch.manual_seed(seed * 100_003 + epoch)
 
 
-def _save_state(path: Path, model: ECANFNet, optimizer: torch.optim.Optimizer, epoch: int, best: float,
+def _save_state(path: Path, model: ECANFNet, optimizer: torch.optim.Optimizer, ema, epoch: int, best: float,
                 history: list[dict[str, float]]) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best": best,
-             "history": history}
+             "history": history, "ema": ema.state_dict() if ema is not None else {}}
     buf = io.BytesIO()
     torch.save(state, buf)
     write_atomically(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
 
 
-def _load_state(path: Path, model: ECANFNet, optimizer: torch.optim.Optimizer) -> tuple[int, float, list]:
+def _load_state(path: Path, model: ECANFNet, optimizer: torch.optim.Optimizer, ema) -> tuple[int, float, list]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    if ema is not None:
+        if not state.get("ema"):
+            raise TrainingError(f"{path}: this run was started without --ema-decay; resume it without it too")
+        ema.load_state_dict(state["ema"])
     return int(state["epoch"]), float(state["best"]), list(state["history"])
 
 
@@ -240,6 +283,31 @@ def _write_metrics(out: Path, history: list[dict[str, float]]) -> None:
             writer.writeheader()
             writer.writerows(history)
     write_atomically(out / METRICS_FILE, write)
+
+
+def _plot_curves(out: Path, history: list[dict[str, float]]) -> None:
+    """OUT/curves.png: train/val loss and val top-1/top-5 by epoch (skipped without matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train loss")
+    ax_loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="val loss")
+    ax_acc.plot(epochs, [r["val_top1"] for r in history], "o-", label="val top-1")
+    ax_acc.plot(epochs, [r["val_top5"] for r in history], "o-", label="val top-5")
+    for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    write_atomically(out / "curves.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
 
 
 def _say(message: str) -> None:
