@@ -103,36 +103,57 @@ def _train(cfg: TrainConfig) -> Path:
 
     if cfg.precision not in ("fp32", "bf16"):
         raise TrainingError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
+    rank, world, device = _distributed_setup()
+    model.to(device)
     optimizer = _optimizer(model, cfg)
     ema = _ema(model, cfg.ema_decay)
     mix = _batch_mixer(cfg, len(classes))
-    steps_per_epoch = max(1, math.ceil(math.ceil(len(train_ds) / cfg.batch_size) / cfg.accum_steps))
-    lr = cfg.lr if cfg.lr is not None else 0.1 * cfg.batch_size / 256
+    per_rank = math.ceil(len(train_ds) / world)
+    steps_per_epoch = max(1, math.ceil(math.ceil(per_rank / cfg.batch_size) / cfg.accum_steps))
+    lr = cfg.lr if cfg.lr is not None else 0.1 * cfg.batch_size * world / 256
     start_epoch, best = 0, -1.0
     state_path = out / STATE_FILE
     if cfg.resume and state_path.is_file():
         start_epoch, best, cfg.history = _load_state(state_path, model, optimizer, ema)
-        _say(f"resuming {out} after epoch {start_epoch}")
+        _say(f"resuming {out} after epoch {start_epoch}", rank)
+    net: nn.Module = model
+    sampler = None
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        from torch.utils.data.distributed import DistributedSampler
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        sampler = DistributedSampler(train_ds, world, rank, shuffle=True, seed=cfg.seed)
     reported: set[str] = set()
     for epoch in range(start_epoch, cfg.epochs):
-        _seed_epoch(cfg.seed, epoch)
-        loader = DataLoader(train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.workers,
-                            collate_fn=collate_skipping_bad, drop_last=False,
+        _seed_epoch(cfg.seed, epoch, rank)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        loader = DataLoader(train_ds, cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                            num_workers=cfg.workers, collate_fn=collate_skipping_bad, drop_last=False,
                             generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        train_loss = _train_epoch(model, loader, optimizer, cfg, epoch, lr, steps_per_epoch, reported, ema, mix)
-        final = ema.module if ema is not None else model  # the weights that are validated and exported
-        metrics = evaluate_loader(final, DataLoader(val_ds, cfg.batch_size, collate_fn=collate_skipping_bad,
-                                                    num_workers=cfg.workers), reported)
-        row = {"epoch": epoch + 1, "train_loss": train_loss, **metrics}
-        cfg.history.append(row)
-        if metrics["val_top1"] > best:
-            best = metrics["val_top1"]
-            save_pretrained(final, out, label_names=classes)
-        _save_state(state_path, model, optimizer, ema, epoch + 1, best, cfg.history)
-        _write_metrics(out, cfg.history)
-        _plot_curves(out, cfg.history)
-        _say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {metrics['val_loss']:.4f}, "
-                  f"top-1 {metrics['val_top1']:.3f}, top-5 {metrics['val_top5']:.3f}")
+        train_loss = _train_epoch(net, loader, optimizer, cfg, epoch, lr, steps_per_epoch, reported,
+                                  ema, mix, device, rank)
+        if world > 1:
+            _check_ranks_in_sync(model, epoch, rank, world)
+        if rank == 0:
+            final = ema.module if ema is not None else model  # the weights that are validated and exported
+            metrics = evaluate_loader(final, DataLoader(val_ds, cfg.batch_size, collate_fn=collate_skipping_bad,
+                                                        num_workers=cfg.workers), reported, device)
+            row = {"epoch": epoch + 1, "train_loss": train_loss, **metrics}
+            cfg.history.append(row)
+            if metrics["val_top1"] > best:
+                best = metrics["val_top1"]
+                save_pretrained(final, out, label_names=classes)
+            _save_state(state_path, model, optimizer, ema, epoch + 1, best, cfg.history)
+            _write_metrics(out, cfg.history)
+            _plot_curves(out, cfg.history)
+            _say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {metrics['val_loss']:.4f}, "
+                 f"top-1 {metrics['val_top1']:.3f}, top-5 {metrics['val_top5']:.3f}", rank)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
     return out
 
 
@@ -167,6 +188,38 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _distributed_setup() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process; joins the process group when launched by torchrun."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, device
+
+
+def _check_ranks_in_sync(model: nn.Module, epoch: int, rank: int, world: int) -> None:
+    """All-gather a float64 checksum of the weights; stop if any rank has drifted."""
+    import torch.distributed as dist
+
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    sums = [torch.zeros_like(checksum) for _ in range(world)]
+    dist.all_gather(sums, checksum)
+    values = [float(v) for v in sums]
+    if len(set(values)) != 1:
+        raise TrainingError(f"epoch {epoch + 1}: the {world} ranks' weights differ (checksums {values})")
+    _say(f"epoch {epoch + 1}: {world} ranks in sync (weight checksum {values[0]:.6f})", rank)
+
+
 def _ema(model: ECANFNet, decay: float):
     """An exponential moving average of the weights (torch's AveragedModel), or None when decay is 0."""
     if not decay:
@@ -187,30 +240,34 @@ def _batch_mixer(cfg: TrainConfig, num_classes: int):
     return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
 
-def _train_epoch(model: ECANFNet, loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                 epoch: int, peak_lr: float, steps_per_epoch: int, reported: set[str], ema, mix) -> float:
+def _train_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                 epoch: int, peak_lr: float, steps_per_epoch: int, reported: set[str], ema, mix,
+                 device: torch.device, rank: int) -> float:
+    """One epoch; `net` is the model itself or its DistributedDataParallel wrapper."""
     from tqdm import tqdm
 
-    model.train()
+    model = net.module if hasattr(net, "module") else net
+    net.train()
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     clip_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.fc")]
     total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
     losses, seen, start = [], 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", file=sys.stderr,
-               disable=not cfg.progress, leave=False)
+               disable=not cfg.progress or rank != 0, leave=False)
     optimizer.zero_grad(set_to_none=True)
     lr = 0.0
     for i, (x, y, errors) in enumerate(bar):
         _report(errors, reported)
         if x is None:
             continue
+        x, y = x.to(device), y.to(device)
         target = y
         if mix is not None:
             x, target = mix(x, y)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            logits = model(x)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            logits = net(x)
         loss = criterion(logits.float(), target)
-        if not torch.isfinite(loss):
+        if not _finite_everywhere(loss):
             raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {i + 1}; stopped. "
                                 f"The last good checkpoint (end of epoch {epoch}) is kept in {cfg.output}")
         (loss / cfg.accum_steps).backward()
@@ -232,15 +289,26 @@ def _train_epoch(model: ECANFNet, loader: DataLoader, optimizer: torch.optim.Opt
     return sum(losses) / seen
 
 
+def _finite_everywhere(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every rank (so that all ranks stop together and none hangs)."""
+    import torch.distributed as dist
+
+    finite = torch.isfinite(loss.detach()).float().reshape(1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 @torch.no_grad()
-def evaluate_loader(model: nn.Module, loader: DataLoader, reported: set[str]) -> dict[str, float]:
+def evaluate_loader(model: nn.Module, loader: DataLoader, reported: set[str],
+                    device: torch.device | None = None) -> dict[str, float]:
     """Validation loss, top-1 and top-5 of model over a loader of collate_skipping_bad batches."""
     model.eval()
     tally = Tally()
     for x, y, errors in loader:
         _report(errors, reported)
         if x is not None:
-            tally.add(model(x), y)
+            tally.add(model(x.to(device or x.device)).cpu(), y)
     loss, top1, top5 = tally.totals()
     return {"val_loss": loss, "val_top1": top1, "val_top5": top5}
 
@@ -252,8 +320,8 @@ def _report(errors: list[str], reported: set[str]) -> None:
             print(f"ecanfnet: skipped unreadable image: {err}", file=sys.stderr)
 
 
-def _seed_epoch(seed: int, epoch: int) -> None:
-    torch.manual_seed(seed * 100_003 + epoch)
+def _seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
+    torch.manual_seed(seed * 100_003 + epoch + 7_919 * rank)
 
 
 def _save_state(path: Path, model: ECANFNet, optimizer: torch.optim.Optimizer, ema, epoch: int, best: float,
@@ -310,6 +378,7 @@ def _plot_curves(out: Path, history: list[dict[str, float]]) -> None:
     plt.close(fig)
 
 
-def _say(message: str) -> None:
-    print(f"ecanfnet: {message}", file=sys.stderr)
+def _say(message: str, rank: int = 0) -> None:
+    if rank == 0:
+        print(f"ecanfnet: {message}", file=sys.stderr)
 
