@@ -72,7 +72,6 @@ def test_hf_hub_source_resolves_from_an_offline_cache(tmp_path, timm_l0, timm_hu
 
 def test_hub_cache_with_only_pytorch_model_bin(tmp_path, timm_l0, photo_dir):
     import json
-    from ecanfnet import resolve_weights
     torch.save(timm_l0.state_dict(), tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(json.dumps({"architecture": "eca_nfnet_l0", "num_classes": 1000}))
     lay_out_hub_cache(tmp_path / "hf", "someone/nfnet", {n: tmp_path / n for n in ("config.json", "pytorch_model.bin")})

@@ -8,7 +8,6 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from conftest import photo_arrays

@@ -30,11 +30,9 @@ def cpu_has_native_bf16() -> bool:
 
 def onnxruntime_available() -> bool:
     """Whether the optional onnxruntime extra is installed."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

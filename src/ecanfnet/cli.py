@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--freeze-backbone", action="store_true", help="train the classifier only (linear probe)")
     t.add_argument("--accum-steps", type=_positive_int, default=1, metavar="N",
                    help="gradient accumulation: one optimizer step every N batches")
-    t.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast mixed precision")
+    t.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="bf16: autocast mixed precision; fp16 (CUDA): autocast with a gradient scaler, "
+                        "AGC applied to the unscaled gradients")
     t.add_argument("--ema-decay", type=float, default=0.0, metavar="D",
                    help="keep an EMA of the weights (e.g. 0.9998); it is what gets validated and saved")
     t.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="MixUp alpha (0: off)")

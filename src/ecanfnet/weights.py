@@ -176,7 +176,7 @@ def _from_hub(repo: str, text: str) -> Checkpoint:
         """The cached file (downloaded first when online); None when it cannot be had."""
         try:
             return Path(hf_hub_download(repo_id, filename, revision=revision or None, local_files_only=cache_only))
-        except LocalEntryNotFoundError as exc:  # before EntryNotFoundError: it is a subclass
+        except LocalEntryNotFoundError:  # before EntryNotFoundError: it is a subclass
             short = repo_id.split("/")[-1]
             unreachable.append(WeightsError(
                 f"cannot get {repo_id} from the Hugging Face Hub: there is no connection to "

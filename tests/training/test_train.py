@@ -157,3 +157,10 @@ def test_freeze_backbone_trains_only_the_classifier(tmp_path, folder, timm_hub_f
     start = load_file(timm_hub_folder / "model.safetensors")
     assert all(torch.equal(trained[k], start[k]) for k in start if not k.startswith("head."))
     assert trained["head.fc.weight"].shape == (3, 2304)
+
+
+def test_fp16_training_without_cuda_is_a_clear_error(tmp_path, folder, timm_hub_folder):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(TrainingError, match="fp16 training needs a CUDA device"):
+        train(tiny_config(folder, tmp_path / "o", timm_hub_folder, precision="fp16"))

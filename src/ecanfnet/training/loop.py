@@ -29,6 +29,7 @@ from .data import ImageFolderDataset, collate_skipping_bad, scan_image_folder, s
 from .evaluate import Tally
 
 STATE_FILE = "training/last.pt"
+AUTOCAST_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 METRICS_FILE = "metrics.csv"
 
 
@@ -60,7 +61,7 @@ class TrainConfig:
     randaugment: bool = True
     freeze_backbone: bool = False
     accum_steps: int = 1                        # gradient accumulation: optimizer step every N batches
-    precision: str = "fp32"                     # or "bf16" (autocast)
+    precision: str = "fp32"                     # "bf16" (autocast) or "fp16" (CUDA: autocast + grad scaler)
     ema_decay: float = 0.0                      # e.g. 0.9998; 0 disables the weight EMA
     mixup: float = 0.0                          # MixUp alpha; 0 disables
     cutmix: float = 0.0                         # CutMix alpha; 0 disables (both on: one per batch)
@@ -101,9 +102,13 @@ def _train(cfg: TrainConfig) -> Path:
     val_cfg = dict(model.pretrained_cfg, test_input_size=[3, cfg.image_size, cfg.image_size], test_crop_pct=1.0)
     val_ds = ImageFolderDataset(val_samples, eval_transform(val_cfg))
 
-    if cfg.precision not in ("fp32", "bf16"):
-        raise TrainingError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
+    if cfg.precision not in AUTOCAST_DTYPES:
+        raise TrainingError(f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {cfg.precision!r}")
     rank, world, device = _distributed_setup()
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise TrainingError("fp16 training needs a CUDA device; on CPU use --precision bf16 or fp32")
+    # fp16 gradients are scaled against underflow and unscaled before AGC; a no-op otherwise
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     model.to(device)
     optimizer = _optimizer(model, cfg)
     ema = _ema(model, cfg.ema_decay)
@@ -114,7 +119,7 @@ def _train(cfg: TrainConfig) -> Path:
     start_epoch, best = 0, -1.0
     state_path = out / STATE_FILE
     if cfg.resume and state_path.is_file():
-        start_epoch, best, cfg.history = _load_state(state_path, model, optimizer, ema)
+        start_epoch, best, cfg.history = _load_state(state_path, model, optimizer, ema, scaler)
         _say(f"resuming {out} after epoch {start_epoch}", rank)
     net: nn.Module = model
     sampler = None
@@ -132,7 +137,7 @@ def _train(cfg: TrainConfig) -> Path:
         loader = DataLoader(train_ds, cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                             num_workers=cfg.workers, collate_fn=collate_skipping_bad, drop_last=False,
                             generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        train_loss = _train_epoch(net, loader, optimizer, cfg, epoch, lr, steps_per_epoch, reported,
+        train_loss = _train_epoch(net, loader, optimizer, scaler, cfg, epoch, lr, steps_per_epoch, reported,
                                   ema, mix, device, rank)
         if world > 1:
             _check_ranks_in_sync(model, epoch, rank, world)
@@ -145,7 +150,7 @@ def _train(cfg: TrainConfig) -> Path:
             if metrics["val_top1"] > best:
                 best = metrics["val_top1"]
                 save_pretrained(final, out, label_names=classes)
-            _save_state(state_path, model, optimizer, ema, epoch + 1, best, cfg.history)
+            _save_state(state_path, model, optimizer, ema, scaler, epoch + 1, best, cfg.history)
             _write_metrics(out, cfg.history)
             _plot_curves(out, cfg.history)
             _say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {metrics['val_loss']:.4f}, "
@@ -240,7 +245,7 @@ def _batch_mixer(cfg: TrainConfig, num_classes: int):
     return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
 
-def _train_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+def _train_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scaler, cfg: TrainConfig,
                  epoch: int, peak_lr: float, steps_per_epoch: int, reported: set[str], ema, mix,
                  device: torch.device, rank: int) -> float:
     """One epoch; `net` is the model itself or its DistributedDataParallel wrapper."""
@@ -264,20 +269,22 @@ def _train_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Opti
         target = y
         if mix is not None:
             x, target = mix(x, y)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[cfg.precision], enabled=cfg.precision != "fp32"):
             logits = net(x)
         loss = criterion(logits.float(), target)
         if not _finite_everywhere(loss):
             raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {i + 1}; stopped. "
                                 f"The last good checkpoint (end of epoch {epoch}) is kept in {cfg.output}")
-        (loss / cfg.accum_steps).backward()
+        scaler.scale(loss / cfg.accum_steps).backward()
         if (i + 1) % cfg.accum_steps == 0 or i + 1 == len(loader):
             lr = lr_at(epoch * steps_per_epoch + i // cfg.accum_steps, total, warmup, peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            scaler.unscale_(optimizer)
             if cfg.agc_clip > 0:
                 adaptive_clip_grad_(clip_params, cfg.agc_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.update_parameters(model)
@@ -324,19 +331,23 @@ def _seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
     torch.manual_seed(seed * 100_003 + epoch + 7_919 * rank)
 
 
-def _save_state(path: Path, model: ECANFNet, optimizer: torch.optim.Optimizer, ema, epoch: int, best: float,
-                history: list[dict[str, float]]) -> None:
+def _save_state(path: Path, model: ECANFNet, optimizer: torch.optim.Optimizer, ema, scaler, epoch: int,
+                best: float, history: list[dict[str, float]]) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best": best,
-             "history": history, "ema": ema.state_dict() if ema is not None else {}}
+             "history": history, "ema": ema.state_dict() if ema is not None else {},
+             "scaler": scaler.state_dict()}
     buf = io.BytesIO()
     torch.save(state, buf)
     write_atomically(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
 
 
-def _load_state(path: Path, model: ECANFNet, optimizer: torch.optim.Optimizer, ema) -> tuple[int, float, list]:
+def _load_state(path: Path, model: ECANFNet, optimizer: torch.optim.Optimizer, ema,
+                scaler) -> tuple[int, float, list]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     if ema is not None:
         if not state.get("ema"):
             raise TrainingError(f"{path}: this run was started without --ema-decay; resume it without it too")
