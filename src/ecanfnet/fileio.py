@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 
 def write_atomically(target: str | os.PathLike, write: Callable[[str], Any]) -> Path:
@@ -21,3 +22,14 @@ def write_atomically(target: str | os.PathLike, write: Callable[[str], Any]) -> 
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def write_csv_atomically(target: str | os.PathLike, rows: Iterable[Mapping[str, Any]],
+                         fieldnames: Sequence[str]) -> Path:
+    """Write rows as CSV with a header line, atomically (see write_atomically)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(fieldnames))
+            writer.writeheader()
+            writer.writerows(rows)
+    return write_atomically(target, write)

@@ -144,16 +144,18 @@ class Classifier:
         workers = workers or min(8, os.cpu_count() or 1)
         decode = lambda p: self.transform(load_image(p, max_pixels))  # noqa: E731
         waiting: list[tuple[str, torch.Tensor | None, str | None]] = []
+        ready = 0  # decoded images in `waiting`
         for path, fut in _prefetch(paths, decode, workers, window=max(2 * batch_size, 2 * workers)):
             try:
                 waiting.append((path, fut.result(), None))
+                ready += 1
             except ImageLoadError as exc:
                 waiting.append((path, None, str(exc)))
             except Exception as exc:  # noqa: BLE001 - one odd file must not stop the batch
                 waiting.append((path, None, f"{path}: {type(exc).__name__}: {exc}"))
-            if sum(t is not None for _, t, _ in waiting) >= batch_size:
+            if ready >= batch_size:
                 yield from self._run_batch(waiting, top_k)
-                waiting = []
+                waiting, ready = [], 0
         if waiting:
             yield from self._run_batch(waiting, top_k)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader
 
-from ..fileio import write_atomically
+from ..fileio import write_csv_atomically
 from ..labels import imagenet_classes, label_names_for
 from ..transforms import eval_transform
 from .data import ImageFolderDataset, collate_skipping_bad, scan_image_folder
@@ -123,9 +122,4 @@ def evaluate_folder(model: torch.nn.Module, data: str | Path, batch_size: int = 
 
 def write_per_class_csv(report: EvalReport, path: str | Path) -> Path:
     """The per-class table as CSV (class, index, images, top1, top5), written atomically."""
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["class", "index", "images", "top1", "top5"])
-            writer.writeheader()
-            writer.writerows(report.per_class)
-    return write_atomically(path, write)
+    return write_csv_atomically(path, report.per_class, ["class", "index", "images", "top1", "top5"])

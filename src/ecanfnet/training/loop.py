@@ -8,8 +8,6 @@ resumed replays epoch E from the same state and ends with bitwise the same weigh
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import sys
 import time
@@ -20,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..fileio import write_atomically
+from ..fileio import write_atomically, write_csv_atomically
 from ..model import ECANFNet
 from ..transforms import eval_transform
 from ..weights import WeightsSource, create_model, save_pretrained
@@ -151,7 +149,7 @@ def _train(cfg: TrainConfig) -> Path:
                 best = metrics["val_top1"]
                 save_pretrained(final, out, label_names=classes)
             _save_state(state_path, model, optimizer, ema, scaler, epoch + 1, best, cfg.history)
-            _write_metrics(out, cfg.history)
+            write_csv_atomically(out / METRICS_FILE, cfg.history, list(cfg.history[0]))
             _plot_curves(out, cfg.history)
             _say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {metrics['val_loss']:.4f}, "
                  f"top-1 {metrics['val_top1']:.3f}, top-5 {metrics['val_top5']:.3f}", rank)
@@ -336,9 +334,7 @@ def _save_state(path: Path, model: ECANFNet, optimizer: torch.optim.Optimizer, e
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best": best,
              "history": history, "ema": ema.state_dict() if ema is not None else {},
              "scaler": scaler.state_dict()}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    write_atomically(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def _load_state(path: Path, model: ECANFNet, optimizer: torch.optim.Optimizer, ema,
@@ -353,15 +349,6 @@ def _load_state(path: Path, model: ECANFNet, optimizer: torch.optim.Optimizer, e
             raise TrainingError(f"{path}: this run was started without --ema-decay; resume it without it too")
         ema.load_state_dict(state["ema"])
     return int(state["epoch"]), float(state["best"]), list(state["history"])
-
-
-def _write_metrics(out: Path, history: list[dict[str, float]]) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(history[0]))
-            writer.writeheader()
-            writer.writerows(history)
-    write_atomically(out / METRICS_FILE, write)
 
 
 def _plot_curves(out: Path, history: list[dict[str, float]]) -> None:
