@@ -9,7 +9,7 @@ import warnings
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import __version__
-from .errors import BackendError, WeightsError
+from .errors import BackendError, EmbedError, WeightsError
 
 if TYPE_CHECKING:
     from .inference import ImageResult
@@ -130,6 +130,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write per-class accuracy (default ./per_class_accuracy.csv)")
     v.add_argument("--format", choices=("table", "json"), default="table")
     v.set_defaults(func=run_evaluate)
+
+    m = sub.add_parser("embed", help="pooled 2304-d embeddings of images, for retrieval and deduplication",
+                       description="Write OUT.npy (float32, one row per readable image), OUT.paths.txt (the "
+                                   "paths, one per line, same order) and OUT.json (model, weights fingerprint, "
+                                   "preprocessing, unreadable files). Work is done in shards kept in OUT.parts/: "
+                                   "rerun the same command to resume. Under `torchrun --nproc-per-node N -m "
+                                   "ecanfnet embed ...` each rank embeds its share of the shards.")
+    m.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder or glob")
+    m.add_argument("--output", required=True, metavar="OUT.npy", help="embedding matrix to write")
+    m.add_argument("--weights", metavar="SRC", default=None, help="default: hf-hub:timm/eca_nfnet_l0")
+    m.add_argument("--normalize", action="store_true", help="L2-normalise each vector (cosine = dot product)")
+    m.add_argument("--batch-size", type=_positive_int, default=32, metavar="N")
+    m.add_argument("--shard-size", type=_positive_int, default=4096, metavar="N",
+                   help="images per resumable shard (default 4096)")
+    m.add_argument("--workers", type=_positive_int, default=None, metavar="N", help="image decoding threads")
+    m.add_argument("--no-progress", action="store_true")
+    _add_backend_options(m)
+    m.set_defaults(func=run_embed)
+
+    q = sub.add_parser("search", help="nearest images by cosine similarity in an embedding file",
+                       description="Embed the query images with the index's own weights and list the k most "
+                                   "similar indexed images. Exact (numpy) search below 100,000 vectors; above, "
+                                   "an HNSW index from faiss when installed (pip install 'ecanfnet[search]').")
+    q.add_argument("index", metavar="INDEX", help="OUT.npy written by `ecanfnet embed`")
+    q.add_argument("--query", required=True, nargs="+", metavar="IMAGE", help="query image(s)")
+    q.add_argument("-k", type=_positive_int, default=10, help="neighbours per query (default 10)")
+    q.add_argument("--weights", metavar="SRC", default=None,
+                   help="weights to embed the queries (default: those recorded in the index)")
+    q.add_argument("--engine", choices=("auto", "exact", "faiss"), default="auto")
+    q.add_argument("--format", choices=("table", "json"), default="table")
+    q.set_defaults(func=run_search)
     return parser
 
 
@@ -157,10 +188,8 @@ def run_predict(args: argparse.Namespace) -> int:
     from .transforms import MAX_IMAGE_PIXELS
 
     paths, problems = find_images(args.paths)
-    backend = args.backend
-    if backend == "auto" and len(paths) < AUTO_ORT_MIN_IMAGES:
-        backend = "torch"
-    classifier = Classifier.from_pretrained(args.weights, _device(args.device), backend, args.precision)
+    classifier = Classifier.from_pretrained(args.weights, _device(args.device), _backend_for(args.backend, len(paths)),
+                                            args.precision)
 
     emit = _print_json if args.format == "json" else _print_table
     failed = 0
@@ -178,6 +207,11 @@ def run_predict(args: argparse.Namespace) -> int:
     if failed:
         print(f"ecanfnet: {failed} of {len(paths) + len(problems)} inputs failed", file=sys.stderr)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _backend_for(backend: str, n_images: int) -> str:
+    """'auto' means eager torch for a handful of images (ONNX Runtime's set-up would cost more than it saves)."""
+    return "torch" if backend == "auto" and n_images < AUTO_ORT_MIN_IMAGES else backend
 
 
 def _device(name: str):
@@ -288,6 +322,46 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK if report.images else EXIT_FAILED
 
 
+def run_embed(args: argparse.Namespace) -> int:
+    """Embed every image named; exit 1 if any input could not be read."""
+    from .embed import embed_files
+    from .inference import find_images
+
+    paths, problems = find_images(args.paths)
+    for problem in problems:
+        print(f"ecanfnet: {problem.error}", file=sys.stderr)
+    if not paths:
+        print("ecanfnet: error: no images to embed", file=sys.stderr)
+        return EXIT_FAILED
+    summary = embed_files(paths, args.output, weights=args.weights if args.weights is not None else True,
+                          normalize=args.normalize, batch_size=args.batch_size, shard_size=args.shard_size,
+                          backend=_backend_for(args.backend, len(paths)), precision=args.precision, workers=args.workers,
+                          progress=not args.no_progress)
+    if summary.rank == 0:  # the other ranks leave the merge to rank 0
+        print(f"wrote {summary.count} x {summary.dim} vectors to {summary.output} "
+              f"({len(summary.errors)} unreadable files skipped, listed in the .json)")
+    failed = len(problems) + len(summary.errors)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def run_search(args: argparse.Namespace) -> int:
+    """Print the nearest indexed images to each query image."""
+    from .search import EmbeddingIndex, embed_queries
+
+    index = EmbeddingIndex.load(args.index)
+    vectors, queries, errors = embed_queries(index, args.query, args.weights)
+    for err in errors:
+        print(f"ecanfnet: error: {err['error']}", file=sys.stderr)
+    for query, hits in zip(queries, index.search(vectors, args.k, args.engine)):
+        if args.format == "json":
+            print(json.dumps({"query": query, "neighbours": [vars(h) for h in hits]}, ensure_ascii=False))
+        else:
+            print(query)
+            for rank, hit in enumerate(hits, 1):
+                print(f"    {rank}. {hit.score:.4f}  {hit.path}")
+    return EXIT_FAILED if errors else EXIT_OK
+
+
 def _print_json(result: ImageResult, write: Callable[..., None]) -> None:
     write(json.dumps(result.to_dict(), ensure_ascii=False), file=sys.stdout)
     sys.stdout.flush()
@@ -313,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = lambda msg, category, *a, **k: f"ecanfnet: warning: {msg}\n"
     try:
         return args.func(args)
-    except (WeightsError, BackendError) as exc:
+    except (WeightsError, BackendError, EmbedError) as exc:
         print(f"ecanfnet: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

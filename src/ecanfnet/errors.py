@@ -7,3 +7,7 @@ class WeightsError(RuntimeError):
 
 class BackendError(RuntimeError):
     """A backend or precision is not available here; the message says why and what to do."""
+
+
+class EmbedError(RuntimeError):
+    """An embedding run or search that cannot start or continue; the message names the file and what to do."""

@@ -98,6 +98,34 @@ def _prefetch(items: list[str], fn: Callable[[str], Any], workers: int, window: 
             yield item, fut
 
 
+DecodedItem = tuple[str, "torch.Tensor | None", "str | None"]  # (path, preprocessed image or None, error or None)
+
+
+def decoded_batches(paths: list[str], transform: Callable[[Image.Image], torch.Tensor], batch_size: int,
+                    workers: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[list[DecodedItem]]:
+    """Load and preprocess files ahead in worker threads; yield them in order, batch_size readable ones at a time.
+
+    An unreadable file stays in its batch with its error instead of a tensor, so no path is lost.
+    """
+    workers = workers or min(8, os.cpu_count() or 1)
+    decode = lambda p: transform(load_image(p, max_pixels))  # noqa: E731
+    waiting: list[DecodedItem] = []
+    ready = 0  # decoded images in `waiting`
+    for path, fut in _prefetch(paths, decode, workers, window=max(2 * batch_size, 2 * workers)):
+        try:
+            waiting.append((path, fut.result(), None))
+            ready += 1
+        except ImageLoadError as exc:
+            waiting.append((path, None, str(exc)))
+        except Exception as exc:  # noqa: BLE001 - one odd file must not stop the batch
+            waiting.append((path, None, f"{path}: {type(exc).__name__}: {exc}"))
+        if ready >= batch_size:
+            yield waiting
+            waiting, ready = [], 0
+    if waiting:
+        yield waiting
+
+
 def default_device() -> torch.device:
     """CUDA when available, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -141,25 +169,10 @@ class Classifier:
 
         A file that cannot be read yields an error result and the batch goes on without it.
         """
-        workers = workers or min(8, os.cpu_count() or 1)
-        decode = lambda p: self.transform(load_image(p, max_pixels))  # noqa: E731
-        waiting: list[tuple[str, torch.Tensor | None, str | None]] = []
-        ready = 0  # decoded images in `waiting`
-        for path, fut in _prefetch(paths, decode, workers, window=max(2 * batch_size, 2 * workers)):
-            try:
-                waiting.append((path, fut.result(), None))
-                ready += 1
-            except ImageLoadError as exc:
-                waiting.append((path, None, str(exc)))
-            except Exception as exc:  # noqa: BLE001 - one odd file must not stop the batch
-                waiting.append((path, None, f"{path}: {type(exc).__name__}: {exc}"))
-            if ready >= batch_size:
-                yield from self._run_batch(waiting, top_k)
-                waiting, ready = [], 0
-        if waiting:
-            yield from self._run_batch(waiting, top_k)
+        for items in decoded_batches(paths, self.transform, batch_size, workers, max_pixels):
+            yield from self._run_batch(items, top_k)
 
-    def _run_batch(self, items: list[tuple[str, torch.Tensor | None, str | None]], top_k: int) -> Iterator[ImageResult]:
+    def _run_batch(self, items: list[DecodedItem], top_k: int) -> Iterator[ImageResult]:
         tensors = [t for _, t, _ in items if t is not None]
         preds = iter(self.top_k(self.probabilities(torch.stack(tensors)), top_k) if tensors else [])
         for path, tensor, error in items:

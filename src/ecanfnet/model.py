@@ -187,11 +187,13 @@ class Stem(nn.Module):
         self.conv3 = ScaledStdConv2d(out_ch // 4, out_ch // 2, 3, eps=eps)
         self.conv4 = ScaledStdConv2d(out_ch // 2, out_ch, 3, stride=2, eps=eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_to_conv3(self, x: torch.Tensor) -> torch.Tensor:
+        """The stride-2 map after conv3, before its activation (the first multi-scale feature)."""
         x = F.silu(self.conv1(x))
-        x = F.silu(self.conv2(x))
-        x = F.silu(self.conv3(x))
-        return self.conv4(x)
+        return self.conv3(F.silu(self.conv2(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv4(F.silu(self.forward_to_conv3(x)))
 
 
 class ClassifierHead(nn.Module):
@@ -276,6 +278,50 @@ class ECANFNet(nn.Module):
         if isinstance(self.head.fc, nn.Linear):
             nn.init.normal_(self.head.fc.weight, 0.0, 0.01)
             nn.init.zeros_(self.head.fc.bias)
+
+
+class ECANFNetFeatures(nn.Module):
+    """The network without its head, returning multi-scale maps (timm's ``features_only``).
+
+    Map i is, for i = 0..4: stem.conv3 (stride 2), stages.0 (4), stages.1 (8), stages.2 (16) and
+    final_conv before its activation (32). Its state dict is the classifier's minus ``head.*``.
+    """
+
+    def __init__(self, model: ECANFNet, out_indices: tuple[int, ...] = (0, 1, 2, 3, 4)) -> None:
+        super().__init__()
+        if not out_indices or any(i not in range(5) for i in out_indices) or len(set(out_indices)) != len(out_indices):
+            raise ValueError(f"out_indices must be distinct values in 0..4, got {tuple(out_indices)}")
+        self.name = model.name
+        self.pretrained_cfg = dict(model.pretrained_cfg)
+        self.out_indices = tuple(out_indices)
+        self.stem, self.stages, self.final_conv = model.stem, model.stages, model.final_conv
+        cfg = model.cfg
+        all_maps = [(cfg.stem_channels // 2, 2, "stem.conv3")]
+        reduction = 4
+        for s, (out_ch, stride) in enumerate(zip(cfg.channels[:3], cfg.strides[:3])):
+            reduction *= stride
+            all_maps.append((out_ch, reduction, f"stages.{s}"))
+        all_maps.append((model.num_features, 32, "final_conv"))
+        self.feature_info = [{"num_chs": c, "reduction": r, "module": m, "index": i}
+                             for i, (c, r, m) in enumerate(all_maps) if i in self.out_indices]
+
+    @property
+    def out_channels(self) -> list[int]:
+        """Channels of each returned map, in out_indices order."""
+        return [f["num_chs"] for f in self.feature_info]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        last = max(self.out_indices)
+        x = self.stem.forward_to_conv3(x)
+        maps = [x]
+        if last >= 1:
+            x = self.stem.conv4(F.silu(x))
+            for stage in self.stages[: min(last, 3)]:
+                x = stage(x)
+                maps.append(x)
+        if last == 4:
+            maps.append(self.final_conv(self.stages[3](x)))
+        return [maps[i] for i in self.out_indices]
 
 
 def build_model(name: str = "eca_nfnet_l0", num_classes: int = 1000, drop_rate: float = 0.0,

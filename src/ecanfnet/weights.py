@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import torch
 from .errors import WeightsError
 from .fileio import write_atomically
-from .model import CONFIGS, ECANFNet, build_model
+from .model import CONFIGS, ECANFNet, ECANFNetFeatures, build_model
 
 WeightsSource = Union[str, os.PathLike]
 
@@ -251,14 +251,22 @@ def _describe_mismatch(name: str, ckpt: Checkpoint, missing: list[str], unexpect
 
 def create_model(name: str | None = None, pretrained: bool | WeightsSource = False,
                  num_classes: int | None = None, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0) -> ECANFNet:
+                 drop_path_rate: float = 0.0, features_only: bool = False,
+                 out_indices: tuple[int, ...] = (0, 1, 2, 3, 4)) -> ECANFNet | ECANFNetFeatures:
     """Build an ECA-NFNet, optionally with weights; metadata and labels travel with the checkpoint.
 
     name: architecture (default eca_nfnet_l0, or whatever the checkpoint's config names).
     pretrained: False, True (the published hub checkpoint) or any weights source.
     num_classes: default the checkpoint's (1000 without one); another value keeps the
     backbone and gives a freshly initialised classifier.
+    features_only: return the multi-scale trunk (ECANFNetFeatures) with maps out_indices (0..4).
     """
+    model = _create_classifier(name, pretrained, num_classes, drop_rate, drop_path_rate)
+    return ECANFNetFeatures(model, out_indices) if features_only else model
+
+
+def _create_classifier(name: str | None, pretrained: bool | WeightsSource, num_classes: int | None,
+                       drop_rate: float, drop_path_rate: float) -> ECANFNet:
     if pretrained is False or pretrained is None:
         return build_model(name or "eca_nfnet_l0", 1000 if num_classes is None else num_classes,
                            drop_rate, drop_path_rate)

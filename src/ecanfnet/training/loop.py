@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..distributed import barrier, distributed_setup
 from ..fileio import write_atomically, write_csv_atomically
 from ..model import ECANFNet
 from ..transforms import eval_transform
@@ -102,7 +103,7 @@ def _train(cfg: TrainConfig) -> Path:
 
     if cfg.precision not in AUTOCAST_DTYPES:
         raise TrainingError(f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {cfg.precision!r}")
-    rank, world, device = _distributed_setup()
+    rank, world, device = distributed_setup()
     if cfg.precision == "fp16" and device.type != "cuda":
         raise TrainingError("fp16 training needs a CUDA device; on CPU use --precision bf16 or fp32")
     # fp16 gradients are scaled against underflow and unscaled before AGC; a no-op otherwise
@@ -153,10 +154,7 @@ def _train(cfg: TrainConfig) -> Path:
             _plot_curves(out, cfg.history)
             _say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {metrics['val_loss']:.4f}, "
                  f"top-1 {metrics['val_top1']:.3f}, top-5 {metrics['val_top5']:.3f}", rank)
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+        barrier()
     return out
 
 
@@ -189,25 +187,6 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * peak * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _distributed_setup() -> tuple[int, int, torch.device]:
-    """(rank, world size, device) of this process; joins the process group when launched by torchrun."""
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
-    return rank, world, device
 
 
 def _check_ranks_in_sync(model: nn.Module, epoch: int, rank: int, world: int) -> None:

@@ -1,0 +1,144 @@
+"""`ecanfnet embed` and `ecanfnet search`: vectors equal the network's pre-logits, bad files skipped,
+resumable after SIGKILL, torchrun shards merge to the single-process result, nearest neighbours."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ecanfnet.cli import main
+from ecanfnet.search import EmbeddingIndex
+from ecanfnet.transforms import eval_transform, load_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory, photo_dir) -> Path:
+    """The six real photos, each also as a rotated copy, plus one corrupt JPEG."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("collection")
+    for p in sorted(photo_dir.iterdir()):
+        shutil.copy(p, folder / p.name)
+        Image.open(p).rotate(90, expand=True).save(folder / f"rot-{p.stem}.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return folder
+
+
+def embed_cmd(folder: Path, out: Path, weights: Path, *extra: str) -> list[str]:
+    return ["embed", str(folder), "--output", str(out), "--weights", str(weights), "--backend", "torch",
+            "--batch-size", "2", "--no-progress", *extra]
+
+
+def run_module(args: list[str], launcher: list[str] | None = None, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, *(launcher or []), "-m", "ecanfnet", *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, collection, timm_hub_folder) -> Path:
+    """One uninterrupted single-process run, shard size 3."""
+    out = tmp_path_factory.mktemp("ref") / "emb.npy"
+    proc = run_module(embed_cmd(collection, out, timm_hub_folder, "--shard-size", "3"))
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 1, stderr  # 1: the broken file was skipped
+    assert "broken.jpg" in stderr and "wrote 12 x 2304 vectors" in stdout
+    return out
+
+
+def test_vectors_equal_timm_pre_logits_and_bad_file_is_reported(reference_run, collection, timm_l0):
+    vectors = np.load(reference_run)
+    paths = reference_run.with_name("emb.paths.txt").read_text().splitlines()
+    manifest = json.loads(reference_run.with_name("emb.json").read_text())
+    assert vectors.shape == (12, 2304) and vectors.dtype == np.float32
+    assert paths == sorted(str(p) for p in collection.iterdir() if p.name != "broken.jpg")
+    assert [e["path"] for e in manifest["errors"]] == [str(collection / "broken.jpg")]
+    assert manifest["count"] == 12 and manifest["plan"]["weights_fingerprint"]
+    assert not reference_run.with_name("emb.parts").exists()  # merged, shards removed
+
+    transform = eval_transform(dict(timm_l0.pretrained_cfg))
+    x = torch.stack([transform(load_image(p)) for p in paths])
+    with torch.no_grad():
+        want = timm_l0.forward_head(timm_l0.forward_features(x), pre_logits=True).numpy()
+    rel = np.abs(vectors - want).max() / np.abs(want).max()
+    assert rel < 1e-5, rel
+
+
+def test_killed_run_resumes_to_the_same_file(tmp_path, reference_run, collection, timm_hub_folder):
+    out = tmp_path / "emb.npy"
+    proc = run_module(embed_cmd(collection, out, timm_hub_folder, "--shard-size", "3"))
+    first_shard = tmp_path / "emb.parts" / "shard-00000.json"
+    deadline = time.monotonic() + 300
+    while not first_shard.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert first_shard.exists() and not out.exists(), "the run must be killed part-way"
+
+    other = run_module(embed_cmd(collection, out, timm_hub_folder, "--shard-size", "3", "--normalize"))
+    _, stderr = other.communicate(timeout=600)
+    assert other.returncode == 1 and "other settings (normalize differ)" in stderr, stderr
+
+    again = run_module(embed_cmd(collection, out, timm_hub_folder, "--shard-size", "3"))
+    _, stderr = again.communicate(timeout=600)
+    assert "shards already done" in stderr, stderr
+    assert out.read_bytes() == reference_run.read_bytes()
+    assert out.with_name("emb.paths.txt").read_text() == reference_run.with_name("emb.paths.txt").read_text()
+
+
+def test_torchrun_two_ranks_equal_one_process(tmp_path, reference_run, collection, timm_hub_folder):
+    out = tmp_path / "emb.npy"
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    proc = run_module(embed_cmd(collection, out, timm_hub_folder, "--shard-size", "3"), launcher=launcher)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 1, stderr[-3000:]  # the broken file, as in the single-process run
+    assert stdout.count("wrote 12 x 2304 vectors") == 1  # rank 0 alone merges and reports
+    np.testing.assert_allclose(np.load(out), np.load(reference_run), rtol=1e-5, atol=1e-6)
+    assert out.with_name("emb.paths.txt").read_text() == reference_run.with_name("emb.paths.txt").read_text()
+
+
+@pytest.mark.parametrize("engine", ["exact", "faiss"])
+def test_search_finds_the_query_itself_first(capsys, reference_run, collection, timm_hub_folder, engine):
+    if engine == "faiss":
+        pytest.importorskip("faiss")
+    query = collection / "astronaut.jpg"
+    code = main(["search", str(reference_run), "--query", str(query), "-k", "3", "--engine", engine,
+                 "--format", "json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    (result,) = [json.loads(line) for line in out.splitlines()]
+    hits = result["neighbours"]
+    assert [h["path"] for h in hits][0] == str(query)
+    assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert len(hits) == 3 and hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+
+
+def test_exact_search_matches_brute_force(reference_run):
+    index = EmbeddingIndex.load(reference_run)
+    rng = np.random.default_rng(0)
+    queries = rng.standard_normal((4, 2304)).astype(np.float32)
+    unit = np.asarray(index.vectors) / np.linalg.norm(index.vectors, axis=1, keepdims=True)
+    want = np.argsort(-(queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ unit.T, axis=1)[:, :5]
+    got = [[h.row for h in hits] for hits in index.search(queries, k=5, engine="exact")]
+    assert got == want.tolist()
+
+
+def test_search_refuses_other_weights(capsys, reference_run, collection, tmp_path):
+    from ecanfnet import build_model, save_pretrained
+
+    save_pretrained(build_model(), tmp_path / "other")
+    code = main(["search", str(reference_run), "--query", str(collection / "astronaut.jpg"),
+                 "--weights", str(tmp_path / "other")])
+    assert code == 1 and "are not the weights" in capsys.readouterr().err
