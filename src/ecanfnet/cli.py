@@ -161,6 +161,31 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--engine", choices=("auto", "exact", "faiss"), default="auto")
     q.add_argument("--format", choices=("table", "json"), default="table")
     q.set_defaults(func=run_search)
+
+    s = sub.add_parser("serve", help="HTTP API and web page for classification and embeddings",
+                       description="Serve POST /v1/classify, POST /v1/embed, GET /v1/model, /healthz, /metrics "
+                                   "and a web page at /, with requests batched dynamically. Needs the serve "
+                                   "extra: pip install 'ecanfnet[serve]'.")
+    s.add_argument("--weights", metavar="SRC", default=None, help="default: hf-hub:timm/eca_nfnet_l0")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=_positive_int, default=16, metavar="N", help="images per batch (default 16)")
+    s.add_argument("--max-wait-ms", type=float, default=10.0, metavar="MS",
+                   help="how long a batch waits to fill up (default 10)")
+    s.add_argument("--max-queue", type=_positive_int, default=64, metavar="N",
+                   help="images waiting for a batch before requests get 503 (default 64)")
+    s.add_argument("--max-upload-bytes", type=_positive_int, default=20 * 1024 * 1024, metavar="N",
+                   help="larger bodies get 413 (default 20 MiB)")
+    s.add_argument("--max-pixels", type=_positive_int, default=40_000_000, metavar="N",
+                   help="larger images get 413, checked before decoding (default 40,000,000)")
+    s.add_argument("--timeout-s", type=float, default=30.0, metavar="S", help="per request, then 504 (default 30)")
+    s.add_argument("--api-key", default=None,
+                   help="require this key (Authorization: Bearer KEY or X-API-Key: KEY) on /v1/*; "
+                        "default: $ECANFNET_API_KEY, else none")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    _add_backend_options(s)
+    s.set_defaults(func=run_serve)
     return parser
 
 
@@ -360,6 +385,36 @@ def run_search(args: argparse.Namespace) -> int:
             for rank, hit in enumerate(hits, 1):
                 print(f"    {rank}. {hit.score:.4f}  {hit.path}")
     return EXIT_FAILED if errors else EXIT_OK
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the model once and serve it until interrupted (SIGINT/SIGTERM finish in-flight requests first)."""
+    import os
+
+    try:
+        import uvicorn
+
+        from .serving.app import API_KEY_ENV, ServeSettings, create_app
+    except ImportError as exc:
+        print(f"ecanfnet: error: serving needs {exc.name}: pip install 'ecanfnet[serve]'", file=sys.stderr)
+        return EXIT_FAILED
+    from .serving.engine import InferenceEngine
+    from .weights import create_model
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        warnings.warn(f"serving on {args.host} without an API key: anyone who can reach this port can use it",
+                      stacklevel=1)
+    model = create_model(pretrained=args.weights if args.weights is not None else True)
+    engine = InferenceEngine(model, args.backend, args.precision, _device(args.device))
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                             max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels,
+                             timeout_s=args.timeout_s, api_key=api_key)
+    print(f"ecanfnet: serving {engine.name} ({engine.backend}, {engine.precision}) on http://{args.host}:{args.port}/",
+          file=sys.stderr, flush=True)
+    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=int(args.timeout_s) + 5)
+    return EXIT_OK
 
 
 def _print_json(result: ImageResult, write: Callable[..., None]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
@@ -24,6 +25,10 @@ class ImageLoadError(ValueError):
     """An image file could not be read; the message names the file and the reason."""
 
 
+class ImageTooLarge(ImageLoadError):
+    """An image over the pixel limit, refused before decoding."""
+
+
 def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Open, fully decode and return an RGB image with its EXIF orientation applied.
 
@@ -31,19 +36,32 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> I
     """
     name = os.fspath(path)
     try:
-        if Path(name).stat().st_size == 0:
-            raise ImageLoadError(f"{name}: empty file (0 bytes)")
-        with Image.open(name) as img:
+        empty = Path(name).stat().st_size == 0
+    except OSError as exc:
+        raise ImageLoadError(f"{name}: cannot read the file ({exc.strerror or exc})") from exc
+    return _decode(name, name, empty, max_pixels)
+
+
+def decode_image(data: bytes, name: str = "upload", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """load_image for bytes in memory (an upload); errors name the image as `name`."""
+    return _decode(io.BytesIO(data), name, len(data) == 0, max_pixels)
+
+
+def _decode(source: str | io.BytesIO, name: str, empty: bool, max_pixels: int) -> Image.Image:
+    if empty:
+        raise ImageLoadError(f"{name}: empty file (0 bytes)")
+    try:
+        with Image.open(source) as img:
             width, height = img.size
             if width * height > max_pixels:
-                raise ImageLoadError(_too_many_pixels(name, width, height, max_pixels))
+                raise ImageTooLarge(_too_many_pixels(name, width, height, max_pixels))
             img.load()
             img = _apply_exif_orientation(img)
             return to_rgb(img)
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageLoadError(f"{name}: refused, {exc}") from exc
+        raise ImageTooLarge(f"{name}: refused, {exc}") from exc
     except UnidentifiedImageError as exc:
         raise ImageLoadError(f"{name}: not an image format PIL can read") from exc
     except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:

@@ -1,0 +1,1 @@
+"""`ecanfnet serve`: an HTTP API and web page over a dynamically batched model."""

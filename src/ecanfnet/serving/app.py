@@ -1,0 +1,308 @@
+"""The HTTP API and web page: FastAPI app over a dynamic batcher, with bounds, API key and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import torch
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
+
+from ..transforms import ImageLoadError, ImageTooLarge, decode_image
+from .batcher import DynamicBatcher, QueueFull
+from .engine import InferenceEngine
+
+API_KEY_ENV = "ECANFNET_API_KEY"
+RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
+
+
+@dataclass
+class ServeSettings:
+    """Limits and batching of the server (each one a `serve` flag)."""
+
+    max_batch: int = 16
+    max_wait_ms: float = 10.0
+    max_queue: int = 64                     # images waiting for a batch; beyond it -> 503
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    timeout_s: float = 30.0                 # per request, decoding and queueing included -> 504
+    api_key: str | None = None
+    decode_workers: int = 0                 # 0: one per CPU, at most 8
+
+
+class Prediction(BaseModel):
+    index: int
+    label: str
+    score: float
+
+
+class ClassifyResponse(BaseModel):
+    predictions: list[Prediction]
+    model: str
+    elapsed_ms: float
+
+
+class EmbedResponse(BaseModel):
+    embedding: list[float]
+    dim: int
+    normalized: bool
+    model: str
+    elapsed_ms: float
+
+
+class ModelInfo(BaseModel):
+    architecture: str
+    num_classes: int
+    labels_count: int
+    num_features: int
+    input_size: list[int]
+    backend: str
+    precision: str
+    max_batch: int
+    max_wait_ms: float
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                               "properties": {"file": {"type": "string", "format": "binary"}}}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in {
+    401: "missing or wrong API key (when the server has one)",
+    413: "body over --max-upload-bytes, or image over --max-pixels",
+    415: "content type is neither multipart/form-data, image/* nor application/octet-stream",
+    422: "empty body, no `file` field, not a readable image, or a parameter out of range",
+    503: "queue full; retry after the Retry-After seconds",
+    504: "not answered within --timeout-s",
+}.items()}
+
+
+class Metrics:
+    """Prometheus counters, histograms and gauges of one app (own registry, so apps in one process do not clash)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("ecanfnet_requests_total", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("ecanfnet_request_latency_seconds", "Request latency by endpoint", ["endpoint"],
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+                                 registry=self.registry)
+        self.batch_size = Histogram("ecanfnet_batch_size", "Images per model batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
+        self.queue_depth = Gauge("ecanfnet_queue_depth", "Images waiting for a batch", registry=self.registry)
+        self.inflight = Gauge("ecanfnet_inflight_requests", "Image requests being handled", registry=self.registry)
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+def create_app(engine: InferenceEngine, settings: ServeSettings | None = None) -> FastAPI:
+    """The FastAPI application serving engine under settings (run it with uvicorn)."""
+    settings = settings or ServeSettings()
+    metrics = Metrics()
+    decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers or min(8, os.cpu_count() or 1),
+                                     thread_name_prefix="ecanfnet-decode")
+    state: dict[str, Any] = {"inflight": 0}
+    max_inflight = settings.max_queue + settings.max_batch
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher = DynamicBatcher(engine, settings.max_batch, settings.max_wait_ms, settings.max_queue,
+                                 on_batch=metrics.batch_size.observe)
+        metrics.queue_depth.set_function(batcher.depth)
+        batcher.start()
+        state["batcher"] = batcher
+        yield
+        await batcher.stop()  # uvicorn has already let in-flight requests finish
+        decode_pool.shutdown(wait=True)
+
+    app = FastAPI(title="ecanfnet", version=_version(), lifespan=lifespan,
+                  description=f"{engine.name} image classification and embeddings, dynamically batched.")
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            endpoint = getattr(route, "path", "other")
+            metrics.requests.labels(endpoint, str(status)).inc()
+            metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+    def require_api_key(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("x-api-key") or ""
+        auth = request.headers.get("authorization") or ""
+        if auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+            raise HTTPException(401, "missing or wrong API key: send it as `Authorization: Bearer KEY` or `X-API-Key: KEY`",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    async def run_image(request: Request) -> tuple[Any, int]:
+        """Admission, body, decoding and the batched forward pass of one image request."""
+        if state["inflight"] >= max_inflight:
+            raise HTTPException(503, "server busy: too many requests in flight", headers={"Retry-After": "1"})
+        state["inflight"] += 1
+        metrics.inflight.inc()
+        try:
+            return await asyncio.wait_for(_process(request), settings.timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(504, f"not answered within {settings.timeout_s:g} s") from None
+        finally:
+            state["inflight"] -= 1
+            metrics.inflight.dec()
+
+    async def _process(request: Request) -> tuple[Any, int]:
+        data, name = await read_image_body(request, settings.max_upload_bytes)
+        loop = asyncio.get_running_loop()
+        image = await loop.run_in_executor(decode_pool, _preprocess, engine, data, name, settings.max_pixels)
+        try:
+            return await state["batcher"].submit(image)
+        except QueueFull:
+            raise HTTPException(503, "server busy: the batch queue is full", headers={"Retry-After": "1"}) from None
+
+    @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS, openapi_extra=IMAGE_BODY,
+              dependencies=[Depends(require_api_key)], summary="Top-k classes of one image")
+    async def classify(request: Request, top_k: int = Query(5, description="classes to return (1..num_classes)")):
+        if not 1 <= top_k <= engine.num_classes:
+            raise HTTPException(422, f"top_k must be between 1 and {engine.num_classes}, got {top_k}")
+        start = time.perf_counter()
+        output, row = await run_image(request)
+        scores, indices = output.probabilities[row].topk(top_k)
+        predictions = [Prediction(index=int(i), label=engine.labels[int(i)], score=float(s))
+                       for s, i in zip(scores.tolist(), indices.tolist())]
+        return ClassifyResponse(predictions=predictions, model=engine.name, elapsed_ms=_ms_since(start))
+
+    @app.post("/v1/embed", response_model=EmbedResponse, responses=ERRORS, openapi_extra=IMAGE_BODY,
+              dependencies=[Depends(require_api_key)], summary="Pooled pre-logit embedding of one image")
+    async def embed(request: Request, normalize: bool = Query(False, description="L2-normalise the vector")):
+        start = time.perf_counter()
+        output, row = await run_image(request)
+        vector = output.embeddings[row]
+        if normalize:
+            vector = torch.nn.functional.normalize(vector, dim=0)
+        return EmbedResponse(embedding=vector.tolist(), dim=int(vector.numel()), normalized=normalize,
+                             model=engine.name, elapsed_ms=_ms_since(start))
+
+    @app.get("/v1/model", response_model=ModelInfo, dependencies=[Depends(require_api_key)],
+             responses={401: ERRORS[401]}, summary="What is being served")
+    async def model_info():
+        return ModelInfo(architecture=engine.name, num_classes=engine.num_classes, labels_count=len(engine.labels),
+                         num_features=engine.num_features, input_size=[3, engine.image_size, engine.image_size],
+                         backend=engine.backend, precision=engine.precision, max_batch=settings.max_batch,
+                         max_wait_ms=settings.max_wait_ms)
+
+    @app.get("/healthz", summary="Liveness: 200 while the server runs")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+    async def prometheus_metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    static = resources.files("ecanfnet.serving") / "static"
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(str(static / "index.html"))
+
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+    return app
+
+
+async def read_image_body(request: Request, max_bytes: int) -> tuple[bytes, str]:
+    """The image bytes of a multipart `file` field or a raw image body, and a name for error messages."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    multipart = ctype == "multipart/form-data"
+    if ctype and not multipart and not ctype.startswith(RAW_IMAGE_TYPES):
+        raise HTTPException(415, f"unsupported content type {ctype!r}: send multipart/form-data with the image in "
+                                 "field `file`, or the raw image with Content-Type image/* or application/octet-stream")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise HTTPException(413, f"body of {int(declared):,} bytes is over the limit of {max_bytes:,}")
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:
+                raise HTTPException(413, f"body is over the limit of {max_bytes:,} bytes")
+    except ClientDisconnect:
+        raise HTTPException(400, "the client disconnected before sending the whole body") from None
+    if not multipart:
+        if not body:
+            raise HTTPException(422, "empty body: send an image")
+        return bytes(body), "request body"
+    return await _multipart_file(request, bytes(body))
+
+
+async def _multipart_file(request: Request, body: bytes) -> tuple[bytes, str]:
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=16)
+    except Exception as exc:  # noqa: BLE001 - any malformed multipart body is the client's error
+        raise HTTPException(422, f"malformed multipart body: {getattr(exc, 'message', None) or exc}") from None
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise HTTPException(422, "the multipart form has no file field named `file`")
+    data = await upload.read()
+    name = upload.filename or "file"
+    await form.close()
+    return data, name
+
+
+def _preprocess(engine: InferenceEngine, data: bytes, name: str, max_pixels: int) -> torch.Tensor:
+    """Decode + eval transform (in a worker thread); image errors become 413/422 naming the reason."""
+    try:
+        return engine.transform(decode_image(data, name, max_pixels))
+    except ImageTooLarge as exc:
+        raise HTTPException(413, str(exc)) from None
+    except ImageLoadError as exc:
+        raise HTTPException(422, str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - a decoder bug on hostile input is still the input's fault
+        raise HTTPException(422, f"{name}: cannot decode ({type(exc).__name__}: {exc})") from None
+
+
+def _ms_since(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 2)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+

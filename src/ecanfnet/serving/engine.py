@@ -1,0 +1,59 @@
+"""One forward pass serving both endpoints: pooled embeddings from the fast runner, logits from the classifier."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from ..backends import make_runner
+from ..labels import label_names_for
+from ..model import ECANFNet
+from ..transforms import eval_settings, eval_transform
+
+
+@dataclass
+class BatchOutput:
+    """Per-image results of one batch: pooled embeddings (B, D) and class probabilities (B, C)."""
+
+    embeddings: torch.Tensor
+    probabilities: torch.Tensor
+
+
+class InferenceEngine:
+    """The network split at the pooled embedding: the trunk runs on the chosen backend, the linear head in torch.
+
+    The split costs one (B x 2304) @ (2304 x C) matmul and lets a single batch answer classify and
+    embed requests together.
+    """
+
+    def __init__(self, model: ECANFNet, backend: str = "auto", precision: str = "fp32",
+                 device: str | torch.device | None = None) -> None:
+        model = model.eval()
+        self.name = model.name
+        self.pretrained_cfg = dict(model.pretrained_cfg)
+        self.num_classes = model.num_classes
+        self.num_features = model.num_features
+        self.labels = label_names_for(model.pretrained_cfg, model.num_classes)
+        self.transform = eval_transform(model.pretrained_cfg)
+        self.image_size = eval_settings(model.pretrained_cfg)["image_size"]
+        self.head = copy.deepcopy(model.head.fc).float().cpu().eval()
+        trunk = copy.deepcopy(model)
+        trunk.reset_classifier(0)
+        self.runner = make_runner(trunk, backend, precision, device)
+
+    @property
+    def backend(self) -> str:
+        return self.runner.backend
+
+    @property
+    def precision(self) -> str:
+        return self.runner.precision
+
+    def __call__(self, batch: torch.Tensor) -> BatchOutput:
+        """Preprocessed images (B, 3, H, W) -> embeddings and softmax probabilities."""
+        embeddings = self.runner(batch).float()
+        with torch.inference_mode():
+            probabilities = self.head(embeddings).softmax(dim=-1)
+        return BatchOutput(embeddings, probabilities)

@@ -1,0 +1,93 @@
+"use strict";
+// The page: pick or drop an image, preview it, POST it to /v1/classify, show the top-5 with score bars.
+const $ = (id) => document.getElementById(id);
+const keyInput = $("api-key");
+keyInput.value = sessionStorage.getItem("ecanfnet-api-key") || "";
+keyInput.addEventListener("change", () => sessionStorage.setItem("ecanfnet-api-key", keyInput.value));
+
+function headers() {
+  return keyInput.value ? { "X-API-Key": keyInput.value } : {};
+}
+
+function setStatus(text, isError) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "muted";
+}
+
+async function loadModelInfo() {
+  const response = await fetch("/v1/model", { headers: headers() });
+  if (response.status === 401) {
+    $("key-box").open = true;
+    $("model").textContent = "This server needs an API key (below).";
+    return;
+  }
+  const info = await response.json();
+  $("model").textContent = `${info.architecture} · ${info.labels_count} classes · ${info.input_size[1]} px · ` +
+    `${info.backend} ${info.precision}`;
+}
+
+function showResults(predictions) {
+  const list = $("results");
+  list.replaceChildren();
+  for (const p of predictions) {
+    const item = document.createElement("li");
+    item.dataset.index = p.index;
+    const row = document.createElement("div");
+    row.className = "row";
+    const label = document.createElement("span");
+    label.className = "label";
+    label.textContent = p.label;
+    const score = document.createElement("span");
+    score.className = "score";
+    score.textContent = `${(100 * p.score).toFixed(2)}%`;
+    row.append(label, score);
+    const bar = document.createElement("div");
+    bar.className = "bar";
+    const fill = document.createElement("div");
+    fill.style.width = `${Math.max(0.5, 100 * p.score)}%`;
+    bar.append(fill);
+    item.append(row, bar);
+    list.append(item);
+  }
+}
+
+async function classify(file) {
+  if (!file) return;
+  const preview = $("preview");
+  if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.src = URL.createObjectURL(file);
+  preview.hidden = false;
+  $("results").replaceChildren();
+  $("latency").textContent = "";
+  setStatus(`classifying ${file.name}…`, false);
+  const form = new FormData();
+  form.append("file", file, file.name);
+  const started = performance.now();
+  try {
+    const response = await fetch("/v1/classify?top_k=5", { method: "POST", body: form, headers: headers() });
+    const body = await response.json();
+    if (!response.ok) {
+      if (response.status === 401) $("key-box").open = true;
+      setStatus(`error ${response.status}: ${body.detail}`, true);
+      return;
+    }
+    showResults(body.predictions);
+    const roundTrip = performance.now() - started;
+    $("latency").textContent = `server ${body.elapsed_ms.toFixed(1)} ms · round trip ${roundTrip.toFixed(1)} ms`;
+    setStatus(`${file.name}: done`, false);
+    document.body.dataset.state = "done";
+  } catch (err) {
+    setStatus(`request failed: ${err}`, true);
+  }
+}
+
+$("file").addEventListener("change", (e) => classify(e.target.files[0]));
+const drop = $("drop");
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  drop.classList.remove("over");
+  classify(e.dataTransfer.files[0]);
+});
+loadModelInfo().catch((err) => setStatus(`cannot reach the server: ${err}`, true));
