@@ -5,13 +5,13 @@ VENV ?= .venv
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 
-.PHONY: predict test clean-venv
+.PHONY: predict serve test browser clean-venv
 
 $(BIN)/.ecanfnet-installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
-	$(BIN)/python -m pip install -q -e ".[onnx,train]" $(TORCH_PIN)
+	$(BIN)/python -m pip install -q -e ".[onnx,train,serve]" $(TORCH_PIN)
 	touch $@
 
 $(BIN)/.ecanfnet-test-installed: $(BIN)/.ecanfnet-installed
@@ -23,9 +23,21 @@ predict: $(BIN)/.ecanfnet-installed
 	@test -n "$(IMAGES)" || { echo 'usage: make predict IMAGES="photo.jpg folder/" [WEIGHTS=SRC] [ARGS=...]' >&2; exit 2; }
 	$(BIN)/ecanfnet predict $(if $(WEIGHTS),--weights "$(WEIGHTS)") $(ARGS) $(IMAGES)
 
+## make serve [WEIGHTS=src] [ARGS="--port 8000"]
+serve: $(BIN)/.ecanfnet-installed
+	$(BIN)/ecanfnet serve $(if $(WEIGHTS),--weights "$(WEIGHTS)") $(ARGS)
+
 ## make test [PYTEST_ARGS=...]
-test: $(BIN)/.ecanfnet-test-installed
+test: $(BIN)/.ecanfnet-test-installed browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The browser test drives Debian's chromium through chromedriver; install them when missing (needs root).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium + chromium-driver (Debian) for the browser test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "note: chromium/chromedriver missing and cannot be installed here; the browser test will be skipped" >&2; fi
 
 clean-venv:
 	rm -rf $(VENV)

@@ -61,7 +61,8 @@ def _decode(source: str | io.BytesIO, name: str, empty: bool, max_pixels: int) -
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"{name}: refused, {exc}") from exc
+        raise ImageTooLarge(f"{name}: refused as a decompression bomb, over the limit of {max_pixels:,} pixels "
+                            f"({exc})") from exc
     except UnidentifiedImageError as exc:
         raise ImageLoadError(f"{name}: not an image format PIL can read") from exc
     except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:

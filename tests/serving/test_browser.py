@@ -1,0 +1,62 @@
+"""The web page in a real browser: Debian's chromium, driven by Selenium through chromedriver."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+from conftest import photo_arrays
+
+from .conftest import jpeg_bytes
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        if os.environ.get("CI"):
+            pytest.fail("chromium and chromedriver must be installed in CI (apt-get install chromium chromium-driver)")
+        pytest.skip("needs Debian's chromium and chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="ecanfnet-chromium-")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_page_uploads_a_photo_and_shows_the_apis_top5(browser, server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    photo = tmp_path / "chelsea.jpg"
+    photo.write_bytes(jpeg_bytes(photo_arrays()["chelsea"]))
+    want = server.client.post("/v1/classify?top_k=5", content=photo.read_bytes(),
+                              headers={"content-type": "image/jpeg"}).json()["predictions"]
+
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 120)
+    wait.until(EC.text_to_be_present_in_element((By.ID, "model"), "eca_nfnet_l0"))
+    browser.find_element(By.ID, "file").send_keys(str(photo))
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done")
+
+    items = browser.find_elements(By.CSS_SELECTOR, "#results li")
+    shown = [(int(li.get_attribute("data-index")), li.find_element(By.CLASS_NAME, "label").text,
+              li.find_element(By.CLASS_NAME, "score").text) for li in items]
+    assert [(i, label) for i, label, _ in shown] == [(p["index"], p["label"]) for p in want]
+    assert [s for _, _, s in shown] == [f"{100 * p['score']:.2f}%" for p in want]
+    assert browser.find_element(By.ID, "preview").get_attribute("hidden") is None
+    assert "ms" in browser.find_element(By.ID, "latency").text
