@@ -119,6 +119,9 @@ def _onnxruntime_fn(model: ECANFNet) -> Callable[[torch.Tensor], torch.Tensor]:
     # Flushing denormals to zero measured ~20% faster here with bit-identical logits; it can only
     # change values below 1.2e-38, which never reach the logits' precision.
     options.add_session_config_entry("session.set_denormal_as_zero", "1")
+    # Idle ORT threads sleep instead of spinning, leaving the cores to image decoding and the server:
+    # serve load test 0.78x -> 0.88x of model-only throughput, model-only speed unchanged within noise.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def run(batch: torch.Tensor) -> torch.Tensor:

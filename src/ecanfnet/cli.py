@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--from-scratch", action="store_true", help="random initialisation instead")
     t.add_argument("--epochs", type=_positive_int, default=10)
     t.add_argument("--batch-size", type=_positive_int, default=32)
-    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.1 x batch / 256)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.1 x global batch / 256; 8x that with --from-scratch)")
     t.add_argument("--weight-decay", type=float, default=2e-5, help="not applied to gains and biases")
     t.add_argument("--warmup-epochs", type=float, default=1.0)
     t.add_argument("--label-smoothing", type=float, default=0.1)
