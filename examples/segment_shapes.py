@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shapes import CLASS_NAMES, make_split, normalize  # noqa: E402
+from shapes import CLASS_NAMES, make_split, normalize, one_cycle, train_epoch  # noqa: E402
 
 import ecanfnet  # noqa: E402
 
@@ -39,6 +38,15 @@ def mean_iou(model: torch.nn.Module, data, batch_size: int, num_classes: int) ->
     return sum(per_class) / num_classes, per_class
 
 
+def pixel_loss(model: torch.nn.Module, batch: list) -> torch.Tensor:
+    """Per-pixel cross-entropy, the batch mirrored half of the time (mirroring keeps every shape's class)."""
+    images = torch.stack([normalize(img) for img, _, _ in batch])
+    masks = torch.stack([m for _, _, m in batch])
+    if torch.rand(()) < 0.5:
+        images, masks = images.flip(-1), masks.flip(-1)
+    return F.cross_entropy(model(images), masks)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default=None, help="trunk weights (default: random init)")
@@ -52,32 +60,16 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    train_set, val_set = make_split(args.train, seed=args.seed, size=args.size), make_split(args.val, seed=10_000 + args.seed, size=args.size)
+    train_set = make_split(args.train, seed=args.seed, size=args.size)
+    val_set = make_split(args.val, seed=10_000 + args.seed, size=args.size)  # held out: other shapes
     model = ecanfnet.create_segmentation_model(len(CLASS_NAMES), pretrained=args.weights or False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    steps = args.epochs * -(-len(train_set) // args.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=steps, pct_start=0.1)
+    schedule = one_cycle(optimizer, args.lr, args.epochs, -(-len(train_set) // args.batch_size))
     start = time.perf_counter()
     for epoch in range(args.epochs):
-        model.train()
-        order = torch.randperm(len(train_set)).tolist()
-        total, bar = 0.0, tqdm(range(0, len(order), args.batch_size), desc=f"epoch {epoch + 1}", leave=False)
-        for i in bar:
-            batch = [train_set[j] for j in order[i:i + args.batch_size]]
-            images = torch.stack([normalize(img) for img, _, _ in batch])
-            masks = torch.stack([m for _, _, m in batch])
-            flip = torch.rand(()) < 0.5  # the one augmentation that keeps every shape's class
-            if flip:
-                images, masks = images.flip(-1), masks.flip(-1)
-            loss = F.cross_entropy(model(images), masks)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += loss.item() * len(batch)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        loss = train_epoch(model, train_set, args.batch_size, optimizer, schedule, pixel_loss, f"epoch {epoch + 1}")
         miou, per_class = mean_iou(model, val_set, args.batch_size, len(CLASS_NAMES))
-        print(f"epoch {epoch + 1}: train loss {total / len(train_set):.4f}, held-out mIoU {miou:.3f} "
+        print(f"epoch {epoch + 1}: train loss {loss:.4f}, held-out mIoU {miou:.3f} "
               f"({', '.join(f'{n} {v:.2f}' for n, v in zip(CLASS_NAMES, per_class))})", flush=True)
     print(f"done in {time.perf_counter() - start:.0f} s: held-out mIoU {miou:.3f} on {len(val_set)} images")
 

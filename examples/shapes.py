@@ -6,6 +6,8 @@ Each image has a smooth random background and 1-3 shapes that may overlap (later
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -52,3 +54,28 @@ def make_split(n: int, seed: int, size: int = 96) -> list[tuple[torch.Tensor, di
 def normalize(images: torch.Tensor, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> torch.Tensor:
     """ImageNet normalisation, as the checkpoint's pretrained_cfg asks."""
     return (images - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def one_cycle(optimizer: torch.optim.Optimizer, lr: float, epochs: int, steps_per_epoch: int):
+    """Warm-up then cosine decay over the whole run, stepped once per batch."""
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * steps_per_epoch, pct_start=0.1)
+
+
+def train_epoch(model: torch.nn.Module, data: list, batch_size: int, optimizer: torch.optim.Optimizer,
+                schedule, batch_loss: Callable[[torch.nn.Module, list], torch.Tensor], desc: str) -> float:
+    """One pass over data in shuffled batches with a progress bar; returns the mean training loss."""
+    from tqdm import tqdm
+
+    model.train()
+    order = torch.randperm(len(data)).tolist()
+    total, bar = 0.0, tqdm(range(0, len(order), batch_size), desc=desc, leave=False)
+    for i in bar:
+        batch = [data[j] for j in order[i:i + batch_size]]
+        loss = batch_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        total += loss.item() * len(batch)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return total / len(data)

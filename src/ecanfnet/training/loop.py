@@ -46,7 +46,7 @@ class TrainConfig:
     val_split: float = 0.1
     weights: WeightsSource | None = None       # None: the published checkpoint
     from_scratch: bool = False
-    epochs: int = 10
+    epochs: int | None = None                   # None: 10 to fine-tune, FROM_SCRATCH_EPOCHS from random init
     batch_size: int = 32
     lr: float | None = None                     # None: default_lr(global batch, from_scratch)
     weight_decay: float = 2e-5                  # not applied to gains and biases
@@ -71,10 +71,16 @@ class TrainConfig:
     progress: bool = True
     history: list[dict[str, float]] = field(default_factory=list, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.epochs is None:
+            self.epochs = FROM_SCRATCH_EPOCHS if self.from_scratch else FINE_TUNE_EPOCHS
 
-# From random init on a small dataset the card's rate moves too slowly under AGC 0.015: on the digits
-# benchmark 8x reached 71 % val top-1 after 4 epochs where 1x reached 61 % after 10 (docs/benchmarks.md).
+
+# From random init on a small dataset the card's rate moves too slowly under AGC 0.015, and 10 epochs
+# are too few: on the digits benchmark 1x/10 epochs reached 61 % val top-1, 8x/10 epochs 82 %
+# (docs/benchmarks.md).
 FROM_SCRATCH_LR_MULTIPLIER = 8.0
+FINE_TUNE_EPOCHS, FROM_SCRATCH_EPOCHS = 10, 30
 
 
 def default_lr(global_batch: int, from_scratch: bool = False) -> float:
