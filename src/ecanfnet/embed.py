@@ -99,7 +99,7 @@ def embed_files(paths: list[str], output: str | Path, weights: WeightsSource | b
     if _already_done(out, plan):
         _say(f"{out.vectors} is complete for these files and weights; nothing to do", rank)
         manifest = json.loads(out.manifest.read_text(encoding="utf-8"))
-        return EmbedSummary(out.vectors, manifest["count"], manifest["dim"], manifest["errors"])
+        return EmbedSummary(out.vectors, manifest["count"], manifest["dim"], manifest["errors"], rank=rank)
 
     if rank == 0:
         _start_or_check_parts(out, plan)
