@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import ecanfnet
-from conftest import timm_model
 
 
 def timm_features_model(full_timm):
