@@ -73,6 +73,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default: train's own (30 from scratch)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per side for the throughput ratio")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                        help="override the default RandomResizedCrop range (no longer 'defaults')")
+    parser.add_argument("--hflip", type=float, default=None, help="override the flip probability")
     args = parser.parse_args()
 
     ips = step_throughput(args.steps, args.batch_size)
@@ -85,12 +88,16 @@ def main() -> None:
         n = write_digits(Path(tmp) / "digits")
         cfg = TrainConfig(data=str(Path(tmp) / "digits"), output=str(Path(tmp) / "out"), from_scratch=True,
                           epochs=args.epochs, batch_size=args.batch_size, image_size=64, workers=2)
+        overrides = {k: v for k, v in (("crop_scale", args.crop_scale), ("hflip", args.hflip)) if v is not None}
+        for key, value in overrides.items():
+            setattr(cfg, key, tuple(value) if key == "crop_scale" else value)
         start = time.perf_counter()
         train(cfg)
         wall = time.perf_counter() - start
     last = cfg.history[-1]
     trained = n * (1 - cfg.val_split) * cfg.epochs
-    print(f"\n## ecanfnet train on digits ({n} scans, 64 px, from scratch, defaults, {cfg.epochs} epochs)")
+    setting = f"overrides {overrides}" if overrides else "defaults"
+    print(f"\n## ecanfnet train on digits ({n} scans, 64 px, from scratch, {setting}, {cfg.epochs} epochs)")
     print(f"val top-1 {100 * last['val_top1']:.2f}%  (best {100 * max(r['val_top1'] for r in cfg.history):.2f}%), "
           f"val loss {last['val_loss']:.4f}, wall {wall:.0f} s, {trained / wall:.1f} training images/s incl. validation")
 

@@ -164,3 +164,20 @@ def test_fp16_training_without_cuda_is_a_clear_error(tmp_path, folder, timm_hub_
         pytest.skip("a CUDA device is present")
     with pytest.raises(TrainingError, match="fp16 training needs a CUDA device"):
         train(tiny_config(folder, tmp_path / "o", timm_hub_folder, precision="fp16"))
+
+
+def test_crop_scale_and_flip_probability_are_honoured():
+    from ecanfnet.training.data import train_transform
+
+    photo = Image.fromarray(photo_arrays()["chelsea"]).resize((96, 96))
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    keep = train_transform(64, mean, std, randaugment=False, crop_scale=(1.0, 1.0), hflip=0.0)
+    mirror = train_transform(64, mean, std, randaugment=False, crop_scale=(1.0, 1.0), hflip=1.0)
+    for _ in range(5):  # whole image every time, never / always mirrored
+        a, b = keep(photo), mirror(photo)
+        torch.testing.assert_close(b, a.flip(-1))
+        assert not torch.equal(a, b)
+    with pytest.raises(ValueError, match="crop scale"):
+        train_transform(64, mean, std, crop_scale=(0.5, 0.2))
+    with pytest.raises(ValueError, match="hflip"):
+        train_transform(64, mean, std, hflip=1.5)

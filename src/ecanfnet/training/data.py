@@ -62,12 +62,17 @@ def split_samples(samples: list[tuple[str, int]], fraction: float, seed: int) ->
             [s for i, s in enumerate(samples) if i in val_idx])
 
 
-def train_transform(image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                    randaugment: bool = True) -> Callable:
+def train_transform(image_size: int, mean: tuple[float, ...], std: tuple[float, ...], randaugment: bool = True,
+                    crop_scale: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5) -> Callable:
     """RandomResizedCrop (bicubic) + horizontal flip + RandAugment(2, 9) + normalisation, via torchvision."""
     from torchvision import transforms as T
 
-    steps = [T.RandomResizedCrop(image_size, interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip()]
+    if not (0 < crop_scale[0] <= crop_scale[1] <= 1):
+        raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {tuple(crop_scale)}")
+    if not 0 <= hflip <= 1:
+        raise ValueError(f"hflip is a probability in [0, 1], got {hflip}")
+    steps = [T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC),
+             T.RandomHorizontalFlip(hflip)]
     if randaugment:
         steps.append(T.RandAugment(num_ops=2, magnitude=9, interpolation=T.InterpolationMode.BICUBIC))
     steps += [T.ToTensor(), T.Normalize(mean, std)]

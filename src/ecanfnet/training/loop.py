@@ -58,6 +58,8 @@ class TrainConfig:
     drop_path_rate: float = 0.1
     image_size: int = 224
     randaugment: bool = True
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    hflip: float = 0.5                          # horizontal flip probability
     freeze_backbone: bool = False
     accum_steps: int = 1                        # gradient accumulation: optimizer step every N batches
     precision: str = "fp32"                     # "bf16" (autocast) or "fp16" (CUDA: autocast + grad scaler)
@@ -113,7 +115,8 @@ def _train(cfg: TrainConfig) -> Path:
     model = _initial_model(cfg, len(classes))
     model.pretrained_cfg["label_names"] = classes
     mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
-    train_ds = ImageFolderDataset(train_samples, train_transform(cfg.image_size, mean, std, cfg.randaugment))
+    augment = train_transform(cfg.image_size, mean, std, cfg.randaugment, cfg.crop_scale, cfg.hflip)
+    train_ds = ImageFolderDataset(train_samples, augment)
     val_cfg = dict(model.pretrained_cfg, test_input_size=[3, cfg.image_size, cfg.image_size], test_crop_pct=1.0)
     val_ds = ImageFolderDataset(val_samples, eval_transform(val_cfg))
 
