@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -30,3 +31,9 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def say(message: str, rank: int = 0) -> None:
+    """Print an `ecanfnet: ...` status line on stderr, from rank 0 only."""
+    if rank == 0:
+        print(f"ecanfnet: {message}", file=sys.stderr)

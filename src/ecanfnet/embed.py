@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .backends import make_runner, weights_fingerprint
-from .distributed import barrier, distributed_setup
+from .distributed import barrier, distributed_setup, say
 from .errors import EmbedError
 from .fileio import write_atomically
 from .inference import decoded_batches
@@ -97,7 +97,7 @@ def embed_files(paths: list[str], output: str | Path, weights: WeightsSource | b
     net = embedding_model(model if model is not None else create_model(pretrained=weights))
     plan = _plan(paths, net, normalize, shard_size, weights if model is None else None)
     if _already_done(out, plan):
-        _say(f"{out.vectors} is complete for these files and weights; nothing to do", rank)
+        say(f"{out.vectors} is complete for these files and weights; nothing to do", rank)
         manifest = json.loads(out.manifest.read_text(encoding="utf-8"))
         return EmbedSummary(out.vectors, manifest["count"], manifest["dim"], manifest["errors"], rank=rank)
 
@@ -112,7 +112,7 @@ def embed_files(paths: list[str], output: str | Path, weights: WeightsSource | b
     mine = list(range(rank, len(plan["shards"]), world))
     todo = [i for i in mine if not _shard_done(out, i)]
     if len(todo) < len(mine):
-        _say(f"resuming {out.parts}: {len(mine) - len(todo)} of {len(mine)} shards already done", rank)
+        say(f"resuming {out.parts}: {len(mine) - len(todo)} of {len(mine)} shards already done", rank)
     bar = _progress_bar(sum(len(plan["shards"][i]) for i in todo), progress and rank == 0)
     for i in todo:
         _embed_shard(out, i, plan["shards"][i], runner, transform, net.num_features, normalize,
@@ -280,7 +280,3 @@ def _progress_bar(total: int, enabled: bool):
 
     return tqdm(total=total, unit="img", desc="embed", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
-
-def _say(message: str, rank: int = 0) -> None:
-    if rank == 0:
-        print(f"ecanfnet: {message}", file=sys.stderr)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backends import make_runner
+from ..embed import embedding_model
 from ..labels import label_names_for
 from ..model import ECANFNet
 from ..transforms import eval_settings, eval_transform
@@ -39,9 +40,7 @@ class InferenceEngine:
         self.transform = eval_transform(model.pretrained_cfg)
         self.image_size = eval_settings(model.pretrained_cfg)["image_size"]
         self.head = copy.deepcopy(model.head.fc).float().cpu().eval()
-        trunk = copy.deepcopy(model)
-        trunk.reset_classifier(0)
-        self.runner = make_runner(trunk, backend, precision, device)
+        self.runner = make_runner(embedding_model(copy.deepcopy(model)), backend, precision, device)
 
     @property
     def backend(self) -> str:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..distributed import barrier, distributed_setup
+from ..distributed import barrier, distributed_setup, say
 from ..fileio import write_atomically, write_csv_atomically
 from ..model import ECANFNet
 from ..transforms import eval_transform
@@ -138,7 +138,7 @@ def _train(cfg: TrainConfig) -> Path:
     state_path = out / STATE_FILE
     if cfg.resume and state_path.is_file():
         start_epoch, best, cfg.history = _load_state(state_path, model, optimizer, ema, scaler)
-        _say(f"resuming {out} after epoch {start_epoch}", rank)
+        say(f"resuming {out} after epoch {start_epoch}", rank)
     net: nn.Module = model
     sampler = None
     if world > 1:
@@ -171,7 +171,7 @@ def _train(cfg: TrainConfig) -> Path:
             _save_state(state_path, model, optimizer, ema, scaler, epoch + 1, best, cfg.history)
             write_csv_atomically(out / METRICS_FILE, cfg.history, list(cfg.history[0]))
             _plot_curves(out, cfg.history)
-            _say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {metrics['val_loss']:.4f}, "
+            say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {metrics['val_loss']:.4f}, "
                  f"top-1 {metrics['val_top1']:.3f}, top-5 {metrics['val_top5']:.3f}", rank)
         barrier()
     return out
@@ -218,7 +218,7 @@ def _check_ranks_in_sync(model: nn.Module, epoch: int, rank: int, world: int) ->
     values = [float(v) for v in sums]
     if len(set(values)) != 1:
         raise TrainingError(f"epoch {epoch + 1}: the {world} ranks' weights differ (checksums {values})")
-    _say(f"epoch {epoch + 1}: {world} ranks in sync (weight checksum {values[0]:.6f})", rank)
+    say(f"epoch {epoch + 1}: {world} ranks in sync (weight checksum {values[0]:.6f})", rank)
 
 
 def _ema(model: ECANFNet, decay: float):
@@ -373,8 +373,4 @@ def _plot_curves(out: Path, history: list[dict[str, float]]) -> None:
     write_atomically(out / "curves.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
-
-def _say(message: str, rank: int = 0) -> None:
-    if rank == 0:
-        print(f"ecanfnet: {message}", file=sys.stderr)
 
