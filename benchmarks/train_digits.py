@@ -71,18 +71,19 @@ def step_throughput(steps: int, batch: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=None, help="default: train's own (30 from scratch)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per side for the throughput ratio")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per side for the throughput ratio; 0 skips it")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
                         help="override the default RandomResizedCrop range (no longer 'defaults')")
     parser.add_argument("--hflip", type=float, default=None, help="override the flip probability")
     args = parser.parse_args()
 
-    ips = step_throughput(args.steps, args.batch_size)
-    anchor = ips["timm + timm AGC"]
-    print(f"## training step throughput, batch {args.batch_size}, 64x64, {torch.get_num_threads()} threads")
-    for name, value in ips.items():
-        print(f"{name:28s} {value:7.2f} images/s  {value / anchor:5.2f}x")
+    if args.steps > 0:
+        ips = step_throughput(args.steps, args.batch_size)
+        anchor = ips["timm + timm AGC"]
+        print(f"## training step throughput, batch {args.batch_size}, 64x64, {torch.get_num_threads()} threads")
+        for name, value in ips.items():
+            print(f"{name:28s} {value:7.2f} images/s  {value / anchor:5.2f}x")
 
     with tempfile.TemporaryDirectory() as tmp:
         n = write_digits(Path(tmp) / "digits")

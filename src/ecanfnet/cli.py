@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--drop-path-rate", type=float, default=0.1, help="stochastic depth, last block")
     t.add_argument("--image-size", type=_positive_int, default=224)
     t.add_argument("--no-randaugment", action="store_true")
-    t.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
-                   help="RandomResizedCrop area range (default 0.08 1.0)")
+    t.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="RandomResizedCrop area range (default 0.35 1.0; ImageNet's from-scratch range is 0.08 1.0)")
     t.add_argument("--hflip", type=float, default=0.5, metavar="P",
                    help="horizontal flip probability (default 0.5; 0 for text, digits and other mirror-sensitive images)")
     t.add_argument("--freeze-backbone", action="store_true", help="train the classifier only (linear probe)")
@@ -307,6 +307,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     """Train and report where the model went."""
+    from .training.data import DEFAULT_CROP_SCALE
     from .training.loop import TrainConfig, TrainingError, train
 
     cfg = TrainConfig(
@@ -315,7 +316,7 @@ def run_train(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
         agc_clip=args.agc, drop_rate=args.drop_rate, drop_path_rate=args.drop_path_rate,
         image_size=args.image_size, randaugment=not args.no_randaugment, freeze_backbone=args.freeze_backbone,
-        crop_scale=tuple(args.crop_scale), hflip=args.hflip,
+        crop_scale=tuple(args.crop_scale or DEFAULT_CROP_SCALE), hflip=args.hflip,
         accum_steps=args.accum_steps, precision=args.precision, ema_decay=args.ema_decay, mixup=args.mixup,
         cutmix=args.cutmix, workers=args.workers, seed=args.seed, deterministic=args.deterministic, resume=args.resume,
         progress=not args.no_progress)

@@ -27,7 +27,7 @@ import torch
 from .backends import make_runner, weights_fingerprint
 from .distributed import barrier, distributed_setup, say
 from .errors import EmbedError
-from .fileio import write_atomically
+from .fileio import write_atomically, write_json_atomically
 from .inference import decoded_batches
 from .model import ECANFNet
 from .transforms import MAX_IMAGE_PIXELS, eval_transform
@@ -185,7 +185,7 @@ def _start_or_check_parts(out: EmbedOutput, plan: dict[str, Any]) -> None:
                              f"resume it with the same files and options, or delete {out.parts} to start over")
         return
     out.parts.mkdir(parents=True, exist_ok=True)
-    _write_json(plan_file, plan)
+    write_json_atomically(plan_file, plan)
 
 
 def _shard_file(out: EmbedOutput, i: int, suffix: str) -> Path:
@@ -204,7 +204,7 @@ def _embed_shard(out: EmbedOutput, i: int, paths: list[str], runner, transform, 
     for err in errors:
         bar.write(f"ecanfnet: skipped {err['error']}", file=sys.stderr)
     write_atomically(_shard_file(out, i, ".npy"), lambda tmp: _save_npy(tmp, matrix))
-    _write_json(_shard_file(out, i, ".json"), {"paths": good, "errors": errors})
+    write_json_atomically(_shard_file(out, i, ".json"), {"paths": good, "errors": errors})
 
 
 def embed_paths(paths: list[str], runner: Callable[[torch.Tensor], torch.Tensor], transform: Callable,
@@ -259,8 +259,8 @@ def _merge(out: EmbedOutput, plan: dict[str, Any]) -> tuple[int, list[dict[str, 
     write_atomically(out.vectors, write_vectors)
     lines = "".join(p + "\n" for r in records for p in r["paths"])
     write_atomically(out.paths, lambda tmp: Path(tmp).write_text(lines, encoding="utf-8", errors="surrogateescape"))
-    _write_json(out.manifest, {"plan": _plan_key(plan), "count": count, "dim": plan["dim"],
-                               "vectors": out.vectors.name, "paths": out.paths.name, "errors": errors})
+    write_json_atomically(out.manifest, {"plan": _plan_key(plan), "count": count, "dim": plan["dim"],
+                                         "vectors": out.vectors.name, "paths": out.paths.name, "errors": errors})
     shutil.rmtree(out.parts, ignore_errors=True)
     return count, errors
 
@@ -268,11 +268,6 @@ def _merge(out: EmbedOutput, plan: dict[str, Any]) -> tuple[int, list[dict[str, 
 def _save_npy(tmp: str, matrix: np.ndarray) -> None:
     with open(tmp, "wb") as f:
         np.save(f, matrix)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    text = json.dumps(data, indent=1, ensure_ascii=False) + "\n"
-    write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", errors="surrogateescape"))
 
 
 def _progress_bar(total: int, enabled: bool):

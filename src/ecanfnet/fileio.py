@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -33,3 +34,9 @@ def write_csv_atomically(target: str | os.PathLike, rows: Iterable[Mapping[str, 
             writer.writeheader()
             writer.writerows(rows)
     return write_atomically(target, write)
+
+
+def write_json_atomically(target: str | os.PathLike, data: Any) -> Path:
+    """Write data as indented UTF-8 JSON, atomically (undecodable path bytes kept via surrogateescape)."""
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    return write_atomically(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", errors="surrogateescape"))

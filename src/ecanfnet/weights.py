@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 import torch
 from .errors import WeightsError
-from .fileio import write_atomically
+from .fileio import write_atomically, write_json_atomically
 from .model import CONFIGS, ECANFNet, ECANFNetFeatures, build_model
 
 WeightsSource = Union[str, os.PathLike]
@@ -316,6 +316,5 @@ def save_pretrained(model: ECANFNet, folder: WeightsSource, label_names: list[st
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     write_atomically(folder / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    write_atomically(folder / "config.json",
-                      lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
+    write_json_atomically(folder / "config.json", config)
     return folder

