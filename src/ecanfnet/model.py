@@ -108,10 +108,13 @@ class EfficientChannelAttention(nn.Module):
         k = eca_kernel_size(channels)
         self.conv = nn.Conv1d(1, 1, kernel_size=k, padding=(k - 1) // 2, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-channel weights, shape (B, C, 1, 1)."""
         y = x.mean(dim=(2, 3)).unsqueeze(1)                     # (B, 1, C)
-        y = torch.sigmoid(self.conv(y)).transpose(1, 2)       # (B, C, 1)
-        return x * y.unsqueeze(-1)
+        return torch.sigmoid(self.conv(y)).transpose(1, 2).unsqueeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(x)
 
 
 class DropPath(nn.Module):
@@ -172,9 +175,10 @@ class NFBlock(nn.Module):
         out = self.conv2(F.silu(self.conv1(out), inplace=True))
         out = self.conv2b(F.silu(out, inplace=True))
         out = self.conv3(F.silu(out, inplace=True))
-        out = self.attn_gain * self.attn_last(out)
-        out = self.drop_path(out)
-        return out * self.alpha + shortcut
+        # attn_gain, alpha and the stochastic-depth mask are per-sample/per-channel scalars: they go into
+        # the small (B, C, 1, 1) gate, so the full-size map is touched by a single fused multiply-add.
+        gate = self.drop_path(self.attn_last.gate(out) * (self.attn_gain * self.alpha))
+        return torch.addcmul(shortcut, out, gate)
 
 
 class Stem(nn.Module):
