@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
                         help="override the default RandomResizedCrop range (no longer 'defaults')")
     parser.add_argument("--hflip", type=float, default=None, help="override the flip probability")
+    parser.add_argument("--ema-decay", type=float, default=None, help="override the weight-EMA decay (default off)")
     args = parser.parse_args()
 
     if args.steps > 0:
@@ -89,7 +90,8 @@ def main() -> None:
         n = write_digits(Path(tmp) / "digits")
         cfg = TrainConfig(data=str(Path(tmp) / "digits"), output=str(Path(tmp) / "out"), from_scratch=True,
                           epochs=args.epochs, batch_size=args.batch_size, image_size=64, workers=2)
-        overrides = {k: v for k, v in (("crop_scale", args.crop_scale), ("hflip", args.hflip)) if v is not None}
+        overrides = {k: v for k, v in (("crop_scale", args.crop_scale), ("hflip", args.hflip),
+                                                  ("ema_decay", args.ema_decay)) if v is not None}
         for key, value in overrides.items():
             setattr(cfg, key, tuple(value) if key == "crop_scale" else value)
         start = time.perf_counter()
