@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--weights", metavar="SRC", help="starting weights (default: hf-hub:timm/eca_nfnet_l0)")
     src.add_argument("--from-scratch", action="store_true", help="random initialisation instead")
     t.add_argument("--epochs", type=_positive_int, default=None,
-                   help="default 10 when fine-tuning, 40 with --from-scratch")
+                   help="default 10 when fine-tuning, 60 with --from-scratch")
     t.add_argument("--batch-size", type=_positive_int, default=32)
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.1 x global batch / 256; 8x that with --from-scratch)")
     t.add_argument("--weight-decay", type=float, default=2e-5, help="not applied to gains and biases")
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--accum-steps", type=_positive_int, default=1, metavar="N",
                    help="gradient accumulation: one optimizer step every N batches")
     t.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="bf16: autocast mixed precision; fp16 (CUDA): autocast with a gradient scaler, "
+                   help="bf16: autocast mixed precision; fp16: autocast with a gradient scaler (CUDA; emulated on CPU), "
                         "AGC applied to the unscaled gradients")
     t.add_argument("--ema-decay", type=float, default=0.0, metavar="D",
                    help="keep an EMA of the weights (e.g. 0.9998); it is what gets validated and saved")

@@ -3,6 +3,8 @@ kill-and-resume is bitwise exact, bad files are skipped, a non-finite loss stops
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import signal
 import subprocess
@@ -18,6 +20,7 @@ from safetensors.torch import load_file
 
 from conftest import photo_arrays
 from ecanfnet import create_model
+from ecanfnet.training.agc import adaptive_clip_grad_
 from ecanfnet.training.loop import STATE_FILE, TrainConfig, TrainingError, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -159,11 +162,30 @@ def test_freeze_backbone_trains_only_the_classifier(tmp_path, folder, timm_hub_f
     assert trained["head.fc.weight"].shape == (3, 2304)
 
 
-def test_fp16_training_without_cuda_is_a_clear_error(tmp_path, folder, timm_hub_folder):
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA device is present")
-    with pytest.raises(TrainingError, match="fp16 training needs a CUDA device"):
-        train(tiny_config(folder, tmp_path / "o", timm_hub_folder, precision="fp16"))
+def test_fp16_scales_gradients_and_unscales_them_before_agc(tmp_path, folder, timm_hub_folder, monkeypatch):
+    from ecanfnet.training import loop
+
+    seen: dict[str, list[float]] = {}
+
+    def recording_agc(params, clip, eps=1e-3):
+        seen.setdefault(precision, []).append(max(p.grad.abs().max().item() for p in params if p.grad is not None))
+        return adaptive_clip_grad_(params, clip, eps)
+
+    monkeypatch.setattr(loop, "adaptive_clip_grad_", recording_agc)
+    outs = {}
+    for precision in ("fp32", "fp16"):
+        device_warning = pytest.warns(UserWarning, match="fp16 training on CPU") if precision == "fp16" \
+            and not torch.cuda.is_available() else contextlib.nullcontext()
+        with device_warning:
+            outs[precision] = train(tiny_config(folder, tmp_path / precision, timm_hub_folder, epochs=1,
+                                                precision=precision))
+    state = torch.load(tmp_path / "fp16" / STATE_FILE, weights_only=True)
+    assert state["scaler"]["scale"] >= 2.0 ** 10  # the scaler was on ...
+    # ... yet AGC saw gradients of the fp32 size (the same first batch), not ones thousands of times larger
+    assert seen["fp16"][0] == pytest.approx(seen["fp32"][0], rel=0.05), seen
+    assert all(math.isfinite(g) for g in seen["fp32"])
+    trained = load_file(outs["fp16"] / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in trained.values())
 
 
 def test_crop_scale_and_flip_probability_are_honoured():
