@@ -23,7 +23,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import photo_arrays  # noqa: E402
+from conftest import photo_arrays, random_crop  # noqa: E402
 
 from ecanfnet import Classifier, build_model  # noqa: E402
 
@@ -33,10 +33,7 @@ def write_photos(folder: Path, count: int) -> list[str]:
     rng = np.random.default_rng(0)
     paths = []
     for i in range(count):
-        arr = photos[i % len(photos)]
-        h, w = arr.shape[:2]
-        y, x = rng.integers(0, h // 4), rng.integers(0, w // 4)
-        crop = arr[y:y + 3 * h // 4, x:x + 3 * w // 4]
+        crop = random_crop(photos[i % len(photos)], rng, 3 / 4)
         if i % 2:
             crop = crop[:, ::-1]
         path = folder / f"photo_{i:04d}.jpg"

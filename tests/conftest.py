@@ -55,6 +55,14 @@ def photo_arrays() -> dict[str, np.ndarray]:
     return photos
 
 
+def random_crop(arr: np.ndarray, rng: np.random.Generator, keep: float) -> np.ndarray:
+    """A crop keeping `keep` of each side of an (H, W, C) photo, at a random offset."""
+    h, w = arr.shape[:2]
+    ch, cw = int(h * keep), int(w * keep)
+    y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+    return arr[y:y + ch, x:x + cw]
+
+
 @pytest.fixture(scope="session")
 def photo_dir(tmp_path_factory) -> Path:
     """The real photos written to disk, alternately as JPEG and PNG."""

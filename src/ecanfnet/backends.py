@@ -153,15 +153,16 @@ def cached_onnx_export(model: ECANFNet) -> Path:
     return path
 
 
-def _fp32_cpu_folded(model: ECANFNet) -> FoldedECANFNet:
-    return prepare_for_inference(model, "fp32", channels_last=False, device="cpu")
+def _export_inputs(model: ECANFNet, image_size: int) -> tuple[FoldedECANFNet, torch.Tensor]:
+    """The folded fp32 CPU network an export writes, and the fixed batch it is traced and checked on."""
+    folded = prepare_for_inference(model, "fp32", channels_last=False, device="cpu")
+    return folded, torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
 
 
 def export_onnx(model: ECANFNet, out: str | os.PathLike, image_size: int = 288,
                 check: bool = True) -> float | None:
     """Write the folded fp32 network as ONNX (dynamic batch and size); with check, return the max relative logit error in ORT."""
-    folded = _fp32_cpu_folded(model)
-    example = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    folded, example = _export_inputs(model, image_size)
 
     def write(tmp: str) -> None:
         with warnings.catch_warnings():
@@ -181,8 +182,7 @@ def export_onnx(model: ECANFNet, out: str | os.PathLike, image_size: int = 288,
 
 def export_torchscript(model: ECANFNet, out: str | os.PathLike, image_size: int = 288) -> float:
     """Write the folded network as traced TorchScript; return the reloaded file's max relative logit error."""
-    folded = _fp32_cpu_folded(model)
-    example = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    folded, example = _export_inputs(model, image_size)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(folded, example)

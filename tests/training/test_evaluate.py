@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import photo_arrays
+from conftest import photo_arrays, random_crop
 from ecanfnet import build_model
 from ecanfnet.cli import main
 from ecanfnet.labels import imagenet_classes
@@ -27,11 +27,8 @@ def make_labelled_folder(root: Path) -> Path:
     rng = np.random.default_rng(1)
     for folder, photo in FOLDERS.items():
         (root / folder).mkdir(parents=True)
-        arr = photos[photo]
-        h, w = arr.shape[:2]
         for i in range(3):
-            y, x = rng.integers(0, h // 4), rng.integers(0, w // 4)
-            Image.fromarray(arr[y:y + 3 * h // 4, x:x + 3 * w // 4]).save(root / folder / f"{i}.png")
+            Image.fromarray(random_crop(photos[photo], rng, 3 / 4)).save(root / folder / f"{i}.png")
     return root
 
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import photo_arrays
+from conftest import photo_arrays, random_crop
 from ecanfnet import create_model
 from ecanfnet.training.agc import adaptive_clip_grad_
 from ecanfnet.training.loop import STATE_FILE, TrainConfig, TrainingError, train
@@ -32,12 +32,9 @@ def make_image_folder(root: Path, per_class: int = 6, size: int = 80) -> Path:
     photos = photo_arrays()
     rng = np.random.default_rng(0)
     for name in CLASSES:
-        arr = photos[name]
         (root / name).mkdir(parents=True)
-        h, w = arr.shape[:2]
         for i in range(per_class):
-            y, x = rng.integers(0, h // 3), rng.integers(0, w // 3)
-            crop = Image.fromarray(arr[y:y + 2 * h // 3, x:x + 2 * w // 3]).resize((size, size))
+            crop = Image.fromarray(random_crop(photos[name], rng, 2 / 3)).resize((size, size))
             crop.save(root / name / f"{i}.jpg", quality=90)
     return root
 
