@@ -20,7 +20,8 @@ def test_torchrun_two_processes_stay_in_sync_and_write_a_loadable_model(tmp_path
            "-m", "ecanfnet", "train", "--data", str(data), "--output", str(out), "--from-scratch",
            "--epochs", "2", "--batch-size", "3", "--image-size", "64", "--workers", "0", "--no-progress",
            "--val-split", "0.25"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    # gloo on CPU even where GPUs exist (tests/training/test_cuda.py covers NCCL)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "epoch 1: 2 ranks in sync" in proc.stderr and "epoch 2: 2 ranks in sync" in proc.stderr

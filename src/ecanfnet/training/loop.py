@@ -9,6 +9,7 @@ resumed replays epoch E from the same state and ends with bitwise the same weigh
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 import warnings
@@ -94,6 +95,9 @@ def default_lr(global_batch: int, from_scratch: bool = False) -> float:
 
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) training; returns OUT, a hub-layout folder holding the best weights and labels."""
+    if cfg.deterministic:
+        # cuBLAS is only deterministic with a fixed workspace; without it CUDA matmuls raise in deterministic mode
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(cfg.deterministic or was_deterministic)
     try:
