@@ -70,6 +70,23 @@ def test_tiny_run_learns_and_its_output_loads_in_ecanfnet_and_timm(tmp_path, fol
         assert torch.allclose(ours(x), ref(x), rtol=1e-4, atol=1e-4)
 
 
+def test_output_records_the_validation_preprocessing_so_evaluate_reproduces_it(tmp_path, folder, timm_hub_folder):
+    from ecanfnet.training.evaluate import evaluate_folder
+
+    val = make_image_folder(tmp_path / "val", per_class=3, size=72)
+    out = train(tiny_config(folder, tmp_path / "out", timm_hub_folder, epochs=2, from_scratch=True, lr=0.05,
+                            image_size=48, val=str(val)))
+    model = create_model(pretrained=out).eval()
+    assert model.pretrained_cfg["test_input_size"][-1] == model.pretrained_cfg["input_size"][-1] == 48
+    rows = [r.split(",") for r in (out / "metrics.csv").read_text().splitlines()[1:]]
+    best = max(rows, key=lambda r: float(r[3]))  # the first epoch with the highest top-1 is the one saved
+    with torch.no_grad():
+        report = evaluate_folder(model, val, batch_size=4)
+    assert report.images == 9
+    assert report.loss == pytest.approx(float(best[2]), rel=1e-4)
+    assert report.top1 == pytest.approx(float(best[3]))
+
+
 def test_killed_run_resumes_to_bitwise_the_same_weights(tmp_path, folder, timm_hub_folder):
     straight = train(tiny_config(folder, tmp_path / "straight", timm_hub_folder))
     killed = tmp_path / "killed"

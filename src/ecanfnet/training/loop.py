@@ -15,6 +15,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -123,8 +124,9 @@ def _train(cfg: TrainConfig) -> Path:
     mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
     augment = train_transform(cfg.image_size, mean, std, cfg.randaugment, cfg.crop_scale, cfg.hflip)
     train_ds = ImageFolderDataset(train_samples, augment)
-    val_cfg = dict(model.pretrained_cfg, test_input_size=[3, cfg.image_size, cfg.image_size], test_crop_pct=1.0)
-    val_ds = ImageFolderDataset(val_samples, eval_transform(val_cfg))
+    # OUT records the preprocessing validation uses, so predict/evaluate/timm reproduce the validation numbers
+    model.pretrained_cfg.update(preprocessing_as_trained(cfg.image_size))
+    val_ds = ImageFolderDataset(val_samples, eval_transform(model.pretrained_cfg))
 
     if cfg.precision not in AUTOCAST_DTYPES:
         raise TrainingError(f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {cfg.precision!r}")
@@ -182,6 +184,12 @@ def _train(cfg: TrainConfig) -> Path:
                  f"top-1 {metrics['val_top1']:.3f}, top-5 {metrics['val_top5']:.3f}", rank)
         barrier()
     return out
+
+
+def preprocessing_as_trained(image_size: int) -> dict[str, Any]:
+    """Test-time settings of a model trained at image_size: that size, whole image (no centre crop)."""
+    size = [3, image_size, image_size]
+    return {"input_size": size, "test_input_size": size, "crop_pct": 1.0, "test_crop_pct": 1.0}
 
 
 def _initial_model(cfg: TrainConfig, num_classes: int) -> ECANFNet:
