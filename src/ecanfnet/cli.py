@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--agc", type=float, default=0.015, metavar="CLIP", help="AGC factor; 0 disables it")
     t.add_argument("--drop-rate", type=float, default=0.2, help="dropout before the classifier")
     t.add_argument("--drop-path-rate", type=float, default=0.1, help="stochastic depth, last block")
-    t.add_argument("--image-size", type=_positive_int, default=224)
+    t.add_argument("--image-size", type=_positive_int, default=None, metavar="S",
+                   help="training and validation size (default: the starting checkpoint's, 224 for L0's weights)")
     t.add_argument("--no-randaugment", action="store_true")
     t.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="RandomResizedCrop area range (default 0.35 1.0; ImageNet's from-scratch range is 0.08 1.0)")

@@ -85,6 +85,9 @@ def test_output_records_the_validation_preprocessing_so_evaluate_reproduces_it(t
     assert report.images == 9
     assert report.loss == pytest.approx(float(best[2]), rel=1e-4)
     assert report.top1 == pytest.approx(float(best[3]))
+    # fine-tuning from that output defaults to the size it was trained at
+    again = train(tiny_config(folder, tmp_path / "again", out, epochs=1, image_size=None))
+    assert create_model(pretrained=again).pretrained_cfg["input_size"] == [3, 48, 48]
 
 
 def test_killed_run_resumes_to_bitwise_the_same_weights(tmp_path, folder, timm_hub_folder):

@@ -59,7 +59,7 @@ class TrainConfig:
     agc_clip: float = 0.015                     # 0 disables AGC
     drop_rate: float = 0.2
     drop_path_rate: float = 0.1
-    image_size: int = 224
+    image_size: int | None = None               # None: the checkpoint's input_size (224 for L0's weights)
     randaugment: bool = True
     crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE  # RandomResizedCrop area range
     hflip: float = 0.5                          # horizontal flip probability
@@ -121,6 +121,8 @@ def _train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)  # the new classifier's initialisation
     model = _initial_model(cfg, len(classes))
     model.pretrained_cfg["label_names"] = classes
+    if cfg.image_size is None:
+        cfg.image_size = int(model.pretrained_cfg["input_size"][-1])
     mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
     augment = train_transform(cfg.image_size, mean, std, cfg.randaugment, cfg.crop_scale, cfg.hflip)
     train_ds = ImageFolderDataset(train_samples, augment)
