@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--weights", metavar="SRC", help="starting weights (default: hf-hub:timm/eca_nfnet_l0)")
     src.add_argument("--from-scratch", action="store_true", help="random initialisation instead")
     t.add_argument("--epochs", type=_positive_int, default=None,
-                   help="default 10 when fine-tuning, 60 with --from-scratch")
+                   help="default 10 when fine-tuning, 60 with --from-scratch; more when that is under 300 optimizer steps")
     t.add_argument("--batch-size", type=_positive_int, default=32)
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.1 x global batch / 256; 8x that with --from-scratch)")
     t.add_argument("--weight-decay", type=float, default=2e-5, help="not applied to gains and biases")

@@ -205,6 +205,16 @@ def test_fp16_scales_gradients_and_unscales_them_before_agc(tmp_path, folder, ti
     assert all(torch.isfinite(t).all() for t in trained.values())
 
 
+def test_default_epochs_give_small_folders_enough_steps():
+    from ecanfnet.training.loop import default_epochs
+
+    assert default_epochs(from_scratch=False, steps_per_epoch=51) == 10   # the card's fine-tuning length
+    assert default_epochs(from_scratch=True, steps_per_epoch=51) == 60
+    assert default_epochs(from_scratch=False, steps_per_epoch=3) == 100   # 20 images x 5 classes: 300 steps
+    assert default_epochs(from_scratch=False, steps_per_epoch=7) == 43    # ceil(300 / 7)
+    assert default_epochs(from_scratch=True, steps_per_epoch=3) == 100
+
+
 def test_crop_scale_and_flip_probability_are_honoured():
     from ecanfnet.training.data import train_transform
 
