@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,10 +11,10 @@ from safetensors.torch import load_file
 
 from ecanfnet import create_model
 from ecanfnet.training.loop import STATE_FILE, train
+from test_ddp import torchrun_train
 from test_train import CLASSES, make_image_folder, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +37,6 @@ def test_mixed_precision_training_on_cuda_learns_and_loads(tmp_path, folder, tim
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL across processes needs two GPUs")
 def test_torchrun_nccl_on_two_gpus_stays_in_sync(tmp_path, folder):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "ecanfnet", "train", "--data", str(folder), "--output", str(out), "--from-scratch",
-           "--epochs", "2", "--batch-size", "3", "--image-size", "64", "--workers", "0", "--no-progress",
-           "--val-split", "0.25", "--precision", "bf16"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun_train(folder, out, "--precision", "bf16")
     assert "epoch 2: 2 ranks in sync" in proc.stderr
     assert create_model(pretrained=out).pretrained_cfg["label_names"] == list(CLASSES)

@@ -65,7 +65,7 @@ class TrainConfig:
     hflip: float = 0.5                          # horizontal flip probability
     freeze_backbone: bool = False
     accum_steps: int = 1                        # gradient accumulation: optimizer step every N batches
-    precision: str = "fp32"                     # "bf16" (autocast) or "fp16" (CUDA: autocast + grad scaler)
+    precision: str = "fp32"                     # "bf16" (autocast) or "fp16" (autocast + grad scaler; emulated on CPU)
     ema_decay: float = 0.0                      # e.g. 0.9998; 0 disables the weight EMA
     mixup: float = 0.0                          # MixUp alpha; 0 disables
     cutmix: float = 0.0                         # CutMix alpha; 0 disables (both on: one per batch)
@@ -198,8 +198,8 @@ def _train(cfg: TrainConfig) -> Path:
 
 def preprocessing_as_trained(image_size: int) -> dict[str, Any]:
     """Test-time settings of a model trained at image_size: that size, whole image (no centre crop)."""
-    size = [3, image_size, image_size]
-    return {"input_size": size, "test_input_size": size, "crop_pct": 1.0, "test_crop_pct": 1.0}
+    return {"input_size": [3, image_size, image_size], "test_input_size": [3, image_size, image_size],
+            "crop_pct": 1.0, "test_crop_pct": 1.0}
 
 
 def _initial_model(cfg: TrainConfig, num_classes: int) -> ECANFNet:
