@@ -55,7 +55,7 @@ def main() -> None:
     size = clf.transform.image_size
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_photos(Path(tmp), args.images)
-        batch = torch.randn(args.batch_size, 3, size, size)
+        batch = torch.randn(args.batch_size, 3, *size)
         clf.runner(batch)  # warm-up
         for _ in range(2):
             list(clf.predict_files(paths[: args.batch_size * 2], batch_size=args.batch_size, workers=args.workers))

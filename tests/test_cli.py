@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -186,3 +187,95 @@ def test_checkpoint_label_names_are_used(capsys, tmp_path, timm_hub_folder, phot
     assert code == 0
     (row,) = read_json_lines(out)
     assert sorted(p["label"] for p in row["predictions"]) == ["cat", "cup", "rocket"]
+
+
+# --- hardening: progress off a terminal, escaped output, --device, export and evaluate outputs --------
+
+def _is_raw_control(c: str) -> bool:
+    return ord(c) < 0x20 and c != "\n" or 0x7f <= ord(c) <= 0x9f or c in "\u202e\u2028" or 0xd800 <= ord(c) <= 0xdfff
+
+
+def test_predict_progress_off_a_terminal_is_a_few_plain_lines(capsys, tmp_path):
+    from hostile import small_model_folder, write_pngs
+
+    model = small_model_folder(tmp_path / "model")
+    write_pngs(tmp_path / "imgs", 30)
+    code, out, err = run_cli(capsys, "predict", "--weights", str(model), "--format", "json", "--batch-size", "4",
+                             "--backend", "torch", str(tmp_path / "imgs"))
+    assert code == 0, err
+    assert len(read_json_lines(out)) == 30
+    assert "\r" not in err and 1 <= len(err.splitlines()) <= 15, err
+    assert err.splitlines()[-1].startswith("predict: 30/30 img (100%)")
+
+
+def test_labels_and_file_names_cannot_drive_the_terminal(capsys, tmp_path):
+    from hostile import TERMINAL_ATTACK_LABELS, TERMINAL_ATTACK_NAME, small_model_folder, write_pngs
+
+    model = small_model_folder(tmp_path / "model", label_names=TERMINAL_ATTACK_LABELS)
+    (good,) = write_pngs(tmp_path / "imgs", 1, names=[TERMINAL_ATTACK_NAME])
+    bad = tmp_path / "imgs" / "bad\x1b]0;x\x07.png"
+    bad.write_bytes(b"not a png")
+    code, out, err = run_cli(capsys, "predict", "--weights", str(model), "--top-k", "3", str(good), str(bad))
+    assert code == 1
+    assert not any(_is_raw_control(c) for c in out + err), repr(out + err)
+    headers = [line for line in out.splitlines() if not line.startswith("    ")]
+    assert headers == [str(good).replace("\x1b", "\\x1b").replace("\n", "\\x0a").replace("\u202e", "\\u202e"),
+                       str(bad).replace("\x1b", "\\x1b").replace("\x07", "\\x07")]
+    assert "\\x1b]0;pwned\\x07" in out and "\\x1b[2J" in out and "a\\x9b31mb\\x7f\\u202e" in out
+
+    code, out, err = run_cli(capsys, "predict", "--weights", str(model), "--top-k", "3", "--format", "json", str(good))
+    assert code == 0 and not any(_is_raw_control(c) for c in out)
+    (row,) = read_json_lines(out)
+    assert row["path"] == str(good) and sorted(p["label"] for p in row["predictions"]) == sorted(TERMINAL_ATTACK_LABELS)
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "embed", "search", "bench"])
+def test_device_that_is_not_here_is_one_line(capsys, tmp_path, command):
+    args = {"predict": ["predict", "x.png"], "evaluate": ["evaluate", "--data", str(tmp_path)],
+            "embed": ["embed", "x.png", "--output", str(tmp_path / "e.npy")],
+            "search": ["search", str(tmp_path / "e.npy"), "--query", "x.png"], "bench": ["bench"]}[command]
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--device", "garbage"])
+    assert info.value.code == 2 and "'garbage' is not a device" in capsys.readouterr().err
+    missing = f"cuda:{torch.cuda.device_count() + 3}"
+    code, out, err = run_cli(capsys, *args, "--device", missing)
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and err.startswith(f"ecanfnet: error: --device {missing}: "), err
+
+
+@pytest.mark.parametrize("where", ["proc", "under_a_file", "folder", "name_with_controls"])
+def test_export_to_an_unwritable_path_is_one_line_before_loading(capsys, tmp_path, where):
+    from ecanfnet.console import printable
+
+    (tmp_path / "plain").write_text("x")
+    out = {"proc": "/proc/x.onnx", "under_a_file": str(tmp_path / "plain" / "x.onnx"), "folder": str(tmp_path),
+           "name_with_controls": str(tmp_path / "plain" / "x\x1b[2J\n.onnx")}[where]
+    # weights that do not exist: the output is checked first, so they are never looked at
+    code, stdout, err = run_cli(capsys, "export", "onnx", out, "--weights", str(tmp_path / "no-such-weights"))
+    assert code == 1 and stdout == "" and not any(_is_raw_control(c) for c in err)
+    assert err.count("\n") == 1 and err.startswith(f"ecanfnet: error: {printable(out)}: ") and "Traceback" not in err, err
+
+
+def test_evaluate_writes_files_only_where_asked(capsys, tmp_path, monkeypatch):
+    from hostile import small_model_folder, write_pngs
+
+    model = small_model_folder(tmp_path / "model", label_names=["a", "b", "c"])
+    for name in "abc":
+        write_pngs(tmp_path / "data" / name, 2)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    base = ["evaluate", "--data", str(tmp_path / "data"), "--weights", str(model), "--workers", "0",
+            "--batch-size", "4", "--device", "cpu"]
+    code, out, err = run_cli(capsys, *base, "--format", "json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["images"] == 6 and "per_class_csv" not in summary
+    assert list((tmp_path / "cwd").iterdir()) == []
+    assert "\r" not in err and err.splitlines()[-1].startswith("evaluate: 6/6 img (100%)"), err
+
+    code, out, err = run_cli(capsys, *base, "--per-class-csv", str(tmp_path / "out" / "pc.csv"), "--no-progress")
+    assert code == 0 and err == "" and f"per class: {tmp_path / 'out' / 'pc.csv'}" in out
+    assert (tmp_path / "out" / "pc.csv").read_text().splitlines()[0] == "class,index,images,top1,top5"
+    code, out, err = run_cli(capsys, *base, "--per-class-csv", "/proc/pc.csv")
+    assert code == 1 and err.count("\n") == 1 and err.startswith("ecanfnet: error: /proc/pc.csv: ")
+    assert list((tmp_path / "cwd").iterdir()) == []

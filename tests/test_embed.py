@@ -142,3 +142,132 @@ def test_search_refuses_other_weights(capsys, reference_run, collection, tmp_pat
     code = main(["search", str(reference_run), "--query", str(collection / "astronaut.jpg"),
                  "--weights", str(tmp_path / "other")])
     assert code == 1 and "are not the weights" in capsys.readouterr().err
+
+
+# --- hardening: foreign files beside OUT, corrupt indexes, damaged shards ---------------------------
+
+def one_error_line(err: str) -> str:
+    assert err.count("\n") == 1 and err.startswith("ecanfnet: error: ") and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> Path:
+    from hostile import small_model_folder
+
+    return small_model_folder(tmp_path_factory.mktemp("small") / "model")
+
+
+@pytest.mark.parametrize("case", ["foreign_json", "foreign_paths", "foreign_parts", "json_is_a_folder",
+                                  "npy_is_a_folder", "output_is_a_folder"])
+def test_embed_never_replaces_what_it_did_not_write(capsys, tmp_path, case):
+    out = tmp_path / "settings.npy"
+    victim = {"foreign_json": out.with_name("settings.json"), "foreign_paths": out.with_name("settings.paths.txt"),
+              "foreign_parts": out.with_name("settings.parts") / "notes.txt"}.get(case)
+    if victim is not None:
+        victim.parent.mkdir(exist_ok=True)
+        victim.write_text('{"theme": "dark"}\n')
+    if case == "json_is_a_folder":
+        out.with_name("settings.json").mkdir()
+    if case == "npy_is_a_folder":
+        out.mkdir()
+    target = tmp_path if case == "output_is_a_folder" else out
+    # weights that do not exist: the output is checked before any model is looked for
+    code = main(["embed", str(tmp_path), "--output", str(target), "--weights", str(tmp_path / "no-such-weights")])
+    err = one_error_line(capsys.readouterr().err)
+    assert code == 1 and "no-such-weights" not in err
+    if victim is not None:
+        assert str(victim if case != "foreign_parts" else victim.parent) in err
+        assert victim.read_text() == '{"theme": "dark"}\n'
+
+
+def test_embed_replaces_its_own_earlier_output(capsys, tmp_path, small_model):
+    from hostile import write_pngs
+
+    out = tmp_path / "emb.npy"
+    first, second = write_pngs(tmp_path / "one", 2), write_pngs(tmp_path / "two", 3)
+    for images, count in ((first, 2), (second, 3)):
+        code = main(["embed", *map(str, images), "--output", str(out), "--weights", str(small_model),
+                     "--backend", "torch", "--no-progress", "--device", "cpu"])
+        assert code == 0, capsys.readouterr().err
+        assert np.load(out).shape == (count, 2304)
+        assert out.with_name("emb.paths.txt").read_text().splitlines() == [str(p) for p in images]
+
+
+def test_embed_device_defaults_to_the_ranks_own():
+    from ecanfnet.embed import _run_device
+
+    rank_gpu = torch.device("cuda:1")  # what distributed_setup gives local rank 1 under torchrun
+    assert _run_device(None, rank_gpu) == rank_gpu and _run_device("cuda", rank_gpu) == rank_gpu
+    assert _run_device("cuda:0", rank_gpu) == torch.device("cuda:0") and _run_device("cpu", rank_gpu).type == "cpu"
+    assert _run_device(None, torch.device("cpu")).type == "cpu"
+
+
+@pytest.fixture(scope="module")
+def small_index(tmp_path_factory, small_model) -> Path:
+    from ecanfnet.embed import embed_files
+    from hostile import write_pngs
+
+    folder = tmp_path_factory.mktemp("index")
+    images = write_pngs(folder / "images", 3)
+    embed_files([str(p) for p in images], folder / "emb.npy", weights=small_model, backend="torch", progress=False)
+    return folder / "emb.npy"
+
+
+def copy_index(index: Path, to: Path) -> Path:
+    to.mkdir()
+    for suffix in (".npy", ".json", ".paths.txt"):
+        shutil.copy(index.with_name("emb" + suffix), to / ("emb" + suffix))
+    return to / "emb.npy"
+
+
+def test_search_refuses_corrupt_indexes_in_one_line(capsys, tmp_path, small_index):
+    from hostile import corrupt_manifests, hostile_vector_files
+
+    query = str(small_index.parent / "images" / "img_000.png")
+    code = main(["search", str(small_index), "--query", query, "-k", "2", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    valid = json.loads(small_index.with_suffix(".json").read_text())
+    for name, text in corrupt_manifests(valid).items():
+        index = copy_index(small_index, tmp_path / name)
+        index.with_suffix(".json").write_bytes(text.encode("utf-8", "surrogateescape"))
+        code = main(["search", str(index), "--query", query])
+        err = one_error_line(capsys.readouterr().err)
+        assert code == 1 and str(index.with_suffix(".json")) in err, (name, err)
+    for name, array in hostile_vector_files().items():
+        index = copy_index(small_index, tmp_path / name)
+        np.save(index, array, allow_pickle=True)
+        code = main(["search", str(index), "--query", query])
+        err = one_error_line(capsys.readouterr().err)
+        assert code == 1 and str(index) in err, (name, err)
+
+
+def test_damaged_shards_are_embedded_again_on_resume(capsys, tmp_path, small_model, monkeypatch):
+    import ecanfnet.embed as embed
+    from hostile import write_pngs
+
+    from ecanfnet import create_model
+
+    images = [str(p) for p in write_pngs(tmp_path / "images", 6)]
+    kw = dict(model=create_model(pretrained=small_model), backend="torch", shard_size=2, progress=False)
+    embed.embed_files(images, tmp_path / "ref.npy", **kw)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stopped after the shards, before the merge
+    monkeypatch.setattr(embed, "_merge", killed)
+    with pytest.raises(KeyboardInterrupt):
+        embed.embed_files(images, tmp_path / "out.npy", **kw)
+    monkeypatch.undo()
+    parts = tmp_path / "out.parts"
+    npy = parts / "shard-00001.npy"
+    npy.write_bytes(npy.read_bytes()[: npy.stat().st_size // 2])         # a truncated write
+    (parts / "shard-00002.json").write_text('{"paths": ["x"], "errors"')  # a torn record
+    capsys.readouterr()
+
+    summary = embed.embed_files(images, tmp_path / "out.npy", **kw)
+    err = capsys.readouterr().err
+    assert f"{npy}: damaged or truncated" in err and f"{parts / 'shard-00002.json'}: unreadable" in err
+    assert (summary.shards_embedded, summary.shards_reused, summary.count) == (2, 1, 6)
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), np.load(tmp_path / "ref.npy"))
+    assert not parts.exists()

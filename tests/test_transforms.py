@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import photo_arrays
 from ecanfnet import ImageLoadError, build_model, eval_transform, load_image
-from ecanfnet.transforms import to_rgb
+from ecanfnet.transforms import eval_settings, to_rgb
 
 PHOTOS = photo_arrays()
 
@@ -153,3 +153,40 @@ def test_truncated_jpeg_is_named(tmp_path):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ImageLoadError, match="nothere.png: cannot read"):
         load_image(tmp_path / "nothere.png")
+
+
+@pytest.mark.parametrize("crop_mode", ["center", "squash", "border"])
+@pytest.mark.parametrize("input_size, crop_pct", [((3, 64, 64), 0.875), ((3, 48, 80), 0.9), ((3, 80, 48), 1.0)])
+def test_crop_mode_and_non_square_size_equal_timm_on_real_photos(crop_mode, input_size, crop_pct):
+    from timm.data import create_transform, resolve_data_config
+
+    cfg = dict(build_model().pretrained_cfg, test_input_size=list(input_size), test_crop_pct=crop_pct,
+               crop_mode=crop_mode)
+    ref = create_transform(**resolve_data_config(pretrained_cfg=cfg, use_test_size=True))
+    ours = eval_transform(cfg)
+    for name, arr in sorted(PHOTOS.items()):
+        img = Image.fromarray(arr)
+        for sample in (img, img.transpose(Image.Transpose.TRANSPOSE), img.resize((30, 70))):  # wide, tall, small
+            want, got = ref(sample), ours(sample)
+            assert got.shape == want.shape == input_size, name
+            assert (got - want).abs().max().item() <= 1e-6, (name, sample.size)
+
+
+def test_border_mode_pads_with_the_mean_colour():
+    cfg = dict(build_model().pretrained_cfg, test_input_size=[3, 32, 32], test_crop_pct=1.0, crop_mode="border")
+    out = eval_transform(cfg)(Image.new("RGB", (64, 16), (255, 0, 0)))  # 4:1 -> 32 x 8 inside 32 x 32
+    assert out[:, 14:18].amin(dim=(1, 2)).tolist() == out[:, 14:18].amax(dim=(1, 2)).tolist()  # the red band
+    assert out[:, :12].abs().max().item() < 0.02  # the padding is the mean, ~0 once normalised
+
+
+def test_unknown_crop_mode_is_refused_by_name():
+    cfg = dict(build_model().pretrained_cfg, crop_mode="zoom")
+    with pytest.raises(ValueError, match="crop_mode must be one of center, squash, border, got 'zoom'"):
+        eval_transform(cfg)
+
+
+def test_eval_settings_give_height_and_width():
+    cfg = dict(build_model().pretrained_cfg, test_input_size=[3, 48, 80], crop_mode="squash")
+    settings = eval_settings(cfg)
+    assert settings["image_size"] == (48, 80) and settings["crop_mode"] == "squash"
+    assert eval_transform(cfg).image_size == (48, 80)

@@ -153,13 +153,14 @@ def cached_onnx_export(model: ECANFNet) -> Path:
     return path
 
 
-def _export_inputs(model: ECANFNet, image_size: int) -> tuple[FoldedECANFNet, torch.Tensor]:
-    """The folded fp32 CPU network an export writes, and the fixed batch it is traced and checked on."""
+def _export_inputs(model: ECANFNet, image_size: int | tuple[int, int]) -> tuple[FoldedECANFNet, torch.Tensor]:
+    """The folded fp32 CPU network an export writes, and the fixed batch (S x S or H x W) it is traced on."""
     folded = prepare_for_inference(model, "fp32", channels_last=False, device="cpu")
-    return folded, torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    return folded, torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
 
 
-def export_onnx(model: ECANFNet, out: str | os.PathLike, image_size: int = 288,
+def export_onnx(model: ECANFNet, out: str | os.PathLike, image_size: int | tuple[int, int] = 288,
                 check: bool = True) -> float | None:
     """Write the folded fp32 network as ONNX (dynamic batch and size); with check, return the max relative logit error in ORT."""
     folded, example = _export_inputs(model, image_size)
@@ -180,7 +181,7 @@ def export_onnx(model: ECANFNet, out: str | os.PathLike, image_size: int = 288,
     return _max_error(folded, example, torch.from_numpy(got))
 
 
-def export_torchscript(model: ECANFNet, out: str | os.PathLike, image_size: int = 288) -> float:
+def export_torchscript(model: ECANFNet, out: str | os.PathLike, image_size: int | tuple[int, int] = 288) -> float:
     """Write the folded network as traced TorchScript; return the reloaded file's max relative logit error."""
     folded, example = _export_inputs(model, image_size)
     with torch.no_grad(), warnings.catch_warnings():

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import __version__
+from .console import json_line, printable
 from .errors import BackendError, EmbedError, WeightsError
 
 if TYPE_CHECKING:
@@ -39,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="images per forward pass (default 16)")
     p.add_argument("--format", choices=("table", "json"), default="table",
                    help="table (default) or json: one JSON object per image per line")
-    p.add_argument("--device", default="auto", help="auto (default: CUDA if available), cpu, cuda, cuda:1, ...")
+    _add_device_option(p)
     p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
                    help="image decoding threads (default: number of CPUs, at most 8)")
     p.add_argument("--max-pixels", type=_positive_int, default=None, metavar="N",
@@ -61,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precisions to time (default: those the hardware runs natively)")
     b.add_argument("--repeats", type=_positive_int, default=10, metavar="R")
     b.add_argument("--warmup", type=int, default=2, metavar="W")
-    b.add_argument("--device", default="auto", help="auto (default), cpu, cuda, ...")
+    _add_device_option(b)
     b.add_argument("--format", choices=("table", "json"), default="table")
     b.set_defaults(func=run_bench)
 
@@ -82,10 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "RandAugment, dropout and stochastic depth. OUT becomes a hub-layout "
                                    "folder (best weights + labels), with metrics.csv and training/last.pt.")
     t.add_argument("--data", required=True, metavar="DIR", help="training images, one subfolder per class")
-    t.add_argument("--output", required=True, metavar="OUT", help="folder for the trained model and logs")
+    t.add_argument("--output", required=True, metavar="OUT",
+                   help="folder for the trained model and logs; one that already holds a model or training "
+                        "state is refused unless --resume or --overwrite")
     val = t.add_mutually_exclusive_group()
     val.add_argument("--val", metavar="DIR", help="validation images (same class folders)")
-    val.add_argument("--val-split", type=float, default=0.1, metavar="F",
+    val.add_argument("--val-split", type=_float_in(0.0, 1.0, lo_open=True, hi_open=True), default=0.1, metavar="F",
                      help="hold out this fraction of --data for validation (default 0.1)")
     src = t.add_mutually_exclusive_group()
     src.add_argument("--weights", metavar="SRC", help="starting weights (default: hf-hub:timm/eca_nfnet_l0)")
@@ -93,19 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_positive_int, default=None,
                    help="default 10 when fine-tuning, 60 with --from-scratch; more when that is under 300 optimizer steps")
     t.add_argument("--batch-size", type=_positive_int, default=32)
-    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.1 x global batch / 256; 8x that with --from-scratch)")
-    t.add_argument("--weight-decay", type=float, default=2e-5, help="not applied to gains and biases")
-    t.add_argument("--warmup-epochs", type=float, default=1.0)
-    t.add_argument("--label-smoothing", type=float, default=0.1)
-    t.add_argument("--agc", type=float, default=0.015, metavar="CLIP", help="AGC factor; 0 disables it")
-    t.add_argument("--drop-rate", type=float, default=0.2, help="dropout before the classifier")
-    t.add_argument("--drop-path-rate", type=float, default=0.1, help="stochastic depth, last block")
+    t.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default 0.1 x global batch / 256; 8x that with --from-scratch)")
+    t.add_argument("--weight-decay", type=_non_negative_float, default=2e-5, help="not applied to gains and biases")
+    t.add_argument("--warmup-epochs", type=_non_negative_float, default=1.0)
+    t.add_argument("--label-smoothing", type=_fraction_below_one, default=0.1)
+    t.add_argument("--agc", type=_non_negative_float, default=0.015, metavar="CLIP", help="AGC factor; 0 disables it")
+    t.add_argument("--drop-rate", type=_fraction_below_one, default=0.2, help="dropout before the classifier")
+    t.add_argument("--drop-path-rate", type=_fraction_below_one, default=0.1, help="stochastic depth, last block")
     t.add_argument("--image-size", type=_positive_int, default=None, metavar="S",
                    help="training and validation size (default: the starting checkpoint's, 224 for L0's weights)")
     t.add_argument("--no-randaugment", action="store_true")
-    t.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+    t.add_argument("--crop-scale", type=_float_in(0.0, 1.0, lo_open=True), nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="RandomResizedCrop area range (default 0.35 1.0; ImageNet's from-scratch range is 0.08 1.0)")
-    t.add_argument("--hflip", type=float, default=0.5, metavar="P",
+    t.add_argument("--hflip", type=_probability, default=0.5, metavar="P",
                    help="horizontal flip probability (default 0.5; 0 for text, digits and other mirror-sensitive images)")
     t.add_argument("--freeze-backbone", action="store_true", help="train the classifier only (linear probe)")
     t.add_argument("--accum-steps", type=_positive_int, default=1, metavar="N",
@@ -113,14 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="bf16: autocast mixed precision; fp16: autocast with a gradient scaler (CUDA; emulated on CPU), "
                         "AGC applied to the unscaled gradients")
-    t.add_argument("--ema-decay", type=float, default=0.0, metavar="D",
+    t.add_argument("--ema-decay", type=_fraction_below_one, default=0.0, metavar="D",
                    help="keep an EMA of the weights (e.g. 0.9998); it is what gets validated and saved")
-    t.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="MixUp alpha (0: off)")
-    t.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA", help="CutMix alpha (0: off)")
-    t.add_argument("--workers", type=int, default=2, help="data loading processes (default 2)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--mixup", type=_non_negative_float, default=0.0, metavar="ALPHA", help="MixUp alpha (0: off)")
+    t.add_argument("--cutmix", type=_non_negative_float, default=0.0, metavar="ALPHA", help="CutMix alpha (0: off)")
+    t.add_argument("--workers", type=_non_negative_int, default=2,
+                   help="data loading processes (default 2; 0 loads in the training process)")
+    t.add_argument("--seed", type=_seed, default=0)
     t.add_argument("--deterministic", action="store_true", help="deterministic kernels (exact reruns on CPU)")
-    t.add_argument("--resume", action="store_true", help="continue OUT from its last finished epoch")
+    again = t.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue OUT from its last finished epoch")
+    again.add_argument("--overwrite", action="store_true",
+                   help="replace the model and training state already in OUT (a new run from epoch 0)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=run_train)
 
@@ -132,9 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--weights", metavar="SRC", default=None, help="default: hf-hub:timm/eca_nfnet_l0")
     v.add_argument("--batch-size", type=_positive_int, default=32)
     v.add_argument("--workers", type=int, default=2, help="data loading processes (default 2)")
-    v.add_argument("--per-class-csv", metavar="FILE", default="per_class_accuracy.csv",
-                   help="where to write per-class accuracy (default ./per_class_accuracy.csv)")
+    v.add_argument("--per-class-csv", metavar="FILE", default=None,
+                   help="also write per-class accuracy (class, index, images, top1, top5) to this CSV file")
     v.add_argument("--format", choices=("table", "json"), default="table")
+    _add_device_option(v)
+    v.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     v.set_defaults(func=run_evaluate)
 
     m = sub.add_parser("embed", help="pooled 2304-d embeddings of images, for retrieval and deduplication",
@@ -152,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per resumable shard (default 4096)")
     m.add_argument("--workers", type=_positive_int, default=None, metavar="N", help="image decoding threads")
     m.add_argument("--no-progress", action="store_true")
+    _add_device_option(m, "auto (default: under torchrun the rank's own GPU, else CUDA if available), cpu, cuda:1, ...")
     _add_backend_options(m)
     m.set_defaults(func=run_embed)
 
@@ -166,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights to embed the queries (default: those recorded in the index)")
     q.add_argument("--engine", choices=("auto", "exact", "faiss"), default="auto")
     q.add_argument("--format", choices=("table", "json"), default="table")
+    _add_device_option(q)
     q.set_defaults(func=run_search)
 
     s = sub.add_parser("serve", help="HTTP API and web page for classification and embeddings",
@@ -174,9 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "extra: pip install 'ecanfnet[serve]'.")
     s.add_argument("--weights", metavar="SRC", default=None, help="default: hf-hub:timm/eca_nfnet_l0")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=_port_number, default=8000, help="TCP port, 1-65535 (default 8000)")
     s.add_argument("--max-batch", type=_positive_int, default=16, metavar="N", help="images per batch (default 16)")
-    s.add_argument("--max-wait-ms", type=float, default=10.0, metavar="MS",
+    s.add_argument("--max-wait-ms", type=_non_negative_float, default=10.0, metavar="MS",
                    help="how long a batch waits to fill up (default 10)")
     s.add_argument("--max-queue", type=_positive_int, default=64, metavar="N",
                    help="images waiting for a batch before requests get 503 (default 64)")
@@ -184,11 +196,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="larger bodies get 413 (default 20 MiB)")
     s.add_argument("--max-pixels", type=_positive_int, default=40_000_000, metavar="N",
                    help="larger images get 413, checked before decoding (default 40,000,000)")
-    s.add_argument("--timeout-s", type=float, default=30.0, metavar="S", help="per request, then 504 (default 30)")
-    s.add_argument("--api-key", default=None,
-                   help="require this key (Authorization: Bearer KEY or X-API-Key: KEY) on /v1/*; "
+    s.add_argument("--timeout-s", type=_positive_float, default=30.0, metavar="S",
+                   help="per request once its body is in (decoding and queueing included), then 504 (default 30)")
+    s.add_argument("--body-timeout-s", type=_positive_float, default=10.0, metavar="S",
+                   help="to receive a request's whole body, before it is admitted; then 408 (default 10)")
+    s.add_argument("--header-timeout-s", type=_positive_float, default=10.0, metavar="S",
+                   help="to receive a request's headers; then the connection is closed (default 10)")
+    s.add_argument("--keep-alive-s", type=_positive_int, default=5, metavar="S",
+                   help="idle keep-alive connections are closed after this (default 5)")
+    s.add_argument("--max-connections", type=_positive_int, default=256, metavar="N",
+                   help="open connections beyond this get 503 (default 256)")
+    s.add_argument("--max-header-bytes", type=_positive_int, default=16 * 1024, metavar="N",
+                   help="a request whose line and headers are still incomplete after N bytes gets 400 "
+                        "(default 16 KiB)")
+    s.add_argument("--decode-workers", type=_positive_int, default=None, metavar="N",
+                   help="image decoding threads (default: one per CPU, at most 8); at most 2N decodes are queued "
+                        "or running, and a decode that cannot start within half of --timeout-s gets 503")
+    s.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require this key (printable ASCII; Authorization: Bearer KEY or X-API-Key: KEY) on /v1/*; "
                         "default: $ECANFNET_API_KEY, else none")
-    s.add_argument("--device", default="auto")
+    s.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="bound to loopback, the server answers only Host: localhost, 127.x.x.x or [::1] "
+                        "(against DNS rebinding); also answer this name (e.g. behind a proxy; repeatable)")
+    _add_device_option(s)
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     _add_backend_options(s)
     s.set_defaults(func=run_serve)
@@ -204,6 +234,26 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
                    help="fp32 (default, exact), bf16 (CUDA, or CPUs with native bf16), fp16 (CUDA)")
 
 
+def _add_device_option(p: argparse.ArgumentParser,
+                       help: str = "auto (default: CUDA if available), cpu, cuda, cuda:1, mps") -> None:
+    p.add_argument("--device", type=_device_name, default="auto", help=help)
+
+
+def _device_name(text: str) -> str:
+    """argparse type of --device: 'auto' or a device torch can name (whether it exists is checked by _device)."""
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        kind = torch.device(text).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
+    return text
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -211,24 +261,76 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (e.g. --workers, where 0 means in-process)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """argparse type of --seed: an integer in [0, 2**32) (epoch seeds are derived from it by multiplication)."""
+    value = _non_negative_int(text)
+    if value >= 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text}")
+    return value
+
+
+def _float_in(lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
+              hi_open: bool = False) -> Callable[[str], float]:
+    """argparse type factory: a finite float in [lo, hi], each end excluded when lo_open / hi_open (nan refused)."""
+    if math.isinf(hi):
+        interval = f"{'>' if lo_open else '>='} {lo:g}" if math.isfinite(lo) else "finite"
+    else:
+        interval = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        inside = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+        if not (math.isfinite(value) and inside):
+            raise argparse.ArgumentTypeError(f"must be a number {interval}, got {text}")
+        return value
+    return parse
+
+
+_probability = _float_in(0.0, 1.0)                       # [0, 1]
+_fraction_below_one = _float_in(0.0, 1.0, hi_open=True)  # [0, 1): smoothing, dropout, EMA decay
+_non_negative_float = _float_in(0.0)                     # >= 0, finite
+_positive_float = _float_in(0.0, lo_open=True)           # > 0, finite
+
+
+def _port_number(text: str) -> int:
+    """argparse type of --port: a TCP port, 1..65535."""
+    value = int(text) if text.isdigit() else 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port between 1 and 65535, got {text}")
+    return value
+
+
 def run_predict(args: argparse.Namespace) -> int:
     """Classify every image named on the command line; exit 1 if any failed."""
-    from tqdm import tqdm
-
     from .inference import Classifier, find_images
+    from .progress import progress
     from .transforms import MAX_IMAGE_PIXELS
 
+    device = _device(args.device)
     paths, problems = find_images(args.paths)
-    classifier = Classifier.from_pretrained(args.weights, _device(args.device), _backend_for(args.backend, len(paths)),
+    classifier = Classifier.from_pretrained(args.weights, device, _backend_for(args.backend, len(paths)),
                                             args.precision)
 
     emit = _print_json if args.format == "json" else _print_table
     failed = 0
+    bar = progress(len(paths), "predict", enabled=not args.no_progress and len(paths) >= 2)
     for result in problems:
-        emit(result, tqdm.write)
+        emit(result, bar.write)
         failed += 1
-    bar = tqdm(total=len(paths), unit="img", file=sys.stderr, dynamic_ncols=True,
-               disable=args.no_progress or len(paths) < 2)
     with bar:
         for result in classifier.predict_files(paths, args.top_k, args.batch_size, args.workers,
                                                args.max_pixels or MAX_IMAGE_PIXELS):
@@ -246,10 +348,28 @@ def _backend_for(backend: str, n_images: int) -> str:
 
 
 def _device(name: str):
+    """The torch.device for --device NAME; BackendError (one line) when this machine has no such device."""
     import torch
 
     from .inference import default_device
-    return default_device() if name == "auto" else torch.device(name)
+    if name == "auto":
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BackendError(f"--device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise BackendError(f"--device {name}: no CUDA device is available here; use --device cpu")
+        if (device.index or 0) >= count:
+            raise BackendError(f"--device {name}: there is no such CUDA device here "
+                               f"({count} found: cuda:0{f'..cuda:{count - 1}' if count > 1 else ''})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise BackendError(f"--device {name}: Apple MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise BackendError(f"--device {name}: not supported; use auto, cpu, cuda, cuda:N or mps")
+    return device
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -276,7 +396,7 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.format == "json":
             print(json.dumps(row), flush=True)
         elif "error" in row:
-            print(f"{row['backend']:12s} {row['precision']:9s} unavailable: {row['error']}", flush=True)
+            print(f"{row['backend']:12s} {row['precision']:9s} unavailable: {printable(row['error'])}", flush=True)
         else:
             print(f"{row['backend']:12s} {row['precision']:9s} {row['batch_size']:5d} {row['image_size']:5d} "
                   f"{row['images_per_s']:9.2f} {row['ms_per_batch_p50']:13.1f} {row['peak_rss_mb']:12.1f}", flush=True)
@@ -286,31 +406,37 @@ def run_bench(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     """Export the folded network and verify the written file reproduces the torch logits."""
     from .backends import export_onnx, export_torchscript
+    from .fileio import check_output_file
     from .transforms import eval_settings
     from .weights import create_model
 
+    check_output_file(args.output)  # before the model loads and the export runs
     model = create_model(pretrained=args.weights if args.weights is not None else True)
-    size = args.image_size or eval_settings(model.pretrained_cfg)["image_size"]
+    size = (args.image_size,) * 2 if args.image_size else eval_settings(model.pretrained_cfg)["image_size"]
     try:
         if args.kind == "onnx":
             error = export_onnx(model, args.output, image_size=size)
         else:
             error = export_torchscript(model, args.output, image_size=size)
     except ImportError as exc:
-        print(f"ecanfnet: error: {exc.name or exc} is needed for this export: pip install 'ecanfnet[onnx]'",
-              file=sys.stderr)
+        _error(f"{exc.name or exc} is needed for this export: pip install 'ecanfnet[onnx]'")
         return EXIT_FAILED
     ok = error is not None and error <= EXPORT_MAX_REL_ERROR
-    print(f"wrote {args.output}; max relative logit error vs torch at {size}x{size}: {error:.2e} "
+    print(f"wrote {printable(args.output)}; max relative logit error vs torch at {size[0]}x{size[1]}: {error:.2e} "
           f"({'ok' if ok else 'TOO LARGE'}, limit {EXPORT_MAX_REL_ERROR:.0e})")
     return EXIT_OK if ok else EXIT_FAILED
 
 
 def run_train(args: argparse.Namespace) -> int:
     """Train and report where the model went."""
+    from .distributed import launch_rank
     from .training.data import DEFAULT_CROP_SCALE
     from .training.loop import TrainConfig, TrainingError, train
 
+    if args.crop_scale and args.crop_scale[0] > args.crop_scale[1]:
+        print(f"ecanfnet: error: argument --crop-scale: MIN must not exceed MAX, got {args.crop_scale[0]:g} "
+              f"{args.crop_scale[1]:g}", file=sys.stderr)
+        return EXIT_USAGE
     cfg = TrainConfig(
         data=args.data, output=args.output, val=args.val, val_split=args.val_split, weights=args.weights,
         from_scratch=args.from_scratch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -320,58 +446,67 @@ def run_train(args: argparse.Namespace) -> int:
         crop_scale=tuple(args.crop_scale or DEFAULT_CROP_SCALE), hflip=args.hflip,
         accum_steps=args.accum_steps, precision=args.precision, ema_decay=args.ema_decay, mixup=args.mixup,
         cutmix=args.cutmix, workers=args.workers, seed=args.seed, deterministic=args.deterministic, resume=args.resume,
-        progress=not args.no_progress)
+        overwrite=args.overwrite, progress=not args.no_progress)
     try:
         out = train(cfg)
     except (TrainingError, FileNotFoundError, ValueError) as exc:
         print(f"ecanfnet: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"trained model in {out} (predict with: ecanfnet predict --weights {out} IMAGES)")
+    if launch_rank() == 0:  # under torchrun every rank returns here; one line is enough
+        print(f"trained model in {out} (predict with: ecanfnet predict --weights {out} IMAGES)")
     return EXIT_OK
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    """Evaluate a checkpoint on a labelled folder; print the summary, write the per-class CSV."""
+    """Evaluate a checkpoint on a labelled folder; print the summary, and the per-class CSV when asked."""
     from .backends import make_runner
+    from .fileio import check_output_file
     from .training.evaluate import evaluate_folder, write_per_class_csv
     from .weights import create_model
 
+    device = _device(args.device)
+    if args.per_class_csv is not None:
+        check_output_file(args.per_class_csv)
     model = create_model(pretrained=args.weights if args.weights is not None else True)
     try:
         report = evaluate_folder(model, args.data, args.batch_size, args.workers,
-                                 forward=make_runner(model, "torch", "fp32", "cpu"))
+                                 forward=make_runner(model, "torch", "fp32", device), progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"ecanfnet: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return EXIT_FAILED
     for reason in report.skipped:
-        print(f"ecanfnet: skipped unreadable image: {reason}", file=sys.stderr)
-    csv_path = write_per_class_csv(report, args.per_class_csv)
-    summary = {**report.summary(), "per_class_csv": str(csv_path)}
+        print(f"ecanfnet: skipped unreadable image: {printable(reason)}", file=sys.stderr)
+    summary = report.summary()
+    if args.per_class_csv is not None:
+        summary["per_class_csv"] = str(write_per_class_csv(report, args.per_class_csv))
     if args.format == "json":
-        print(json.dumps(summary))
+        print(json_line(summary))
     else:
+        where = f"; per class: {printable(summary['per_class_csv'])}" if args.per_class_csv is not None else ""
         print(f"images {summary['images']}  top-1 {100 * report.top1:.2f}%  top-5 {100 * report.top5:.2f}%  "
-              f"loss {report.loss:.4f}  (skipped {len(report.skipped)}; per class: {csv_path})")
+              f"loss {report.loss:.4f}  (skipped {len(report.skipped)}{where})")
     return EXIT_OK if report.images else EXIT_FAILED
 
 
 def run_embed(args: argparse.Namespace) -> int:
     """Embed every image named; exit 1 if any input could not be read."""
-    from .embed import embed_files
+    from .embed import EmbedOutput, embed_files
     from .inference import find_images
 
+    EmbedOutput(args.output).check_writable()  # before listing files and loading the model
+    device = None if args.device == "auto" else _device(args.device)  # auto: the torchrun rank's own device
     paths, problems = find_images(args.paths)
     for problem in problems:
-        print(f"ecanfnet: {problem.error}", file=sys.stderr)
+        print(f"ecanfnet: {printable(problem.error)}", file=sys.stderr)
     if not paths:
-        print("ecanfnet: error: no images to embed", file=sys.stderr)
+        _error("no images to embed")
         return EXIT_FAILED
     summary = embed_files(paths, args.output, weights=args.weights if args.weights is not None else True,
                           normalize=args.normalize, batch_size=args.batch_size, shard_size=args.shard_size,
                           backend=_backend_for(args.backend, len(paths)), precision=args.precision, workers=args.workers,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, device=device)
     if summary.rank == 0:  # the other ranks leave the merge to rank 0
-        print(f"wrote {summary.count} x {summary.dim} vectors to {summary.output} "
+        print(f"wrote {summary.count} x {summary.dim} vectors to {printable(summary.output)} "
               f"({len(summary.errors)} unreadable files skipped, listed in the .json)")
     failed = len(problems) + len(summary.errors)
     return EXIT_FAILED if failed else EXIT_OK
@@ -381,17 +516,18 @@ def run_search(args: argparse.Namespace) -> int:
     """Print the nearest indexed images to each query image."""
     from .search import EmbeddingIndex, embed_queries
 
+    device = _device(args.device)
     index = EmbeddingIndex.load(args.index)
-    vectors, queries, errors = embed_queries(index, args.query, args.weights)
+    vectors, queries, errors = embed_queries(index, args.query, args.weights, device=device)
     for err in errors:
-        print(f"ecanfnet: error: {err['error']}", file=sys.stderr)
+        _error(err["error"])
     for query, hits in zip(queries, index.search(vectors, args.k, args.engine)):
         if args.format == "json":
-            print(json.dumps({"query": query, "neighbours": [vars(h) for h in hits]}, ensure_ascii=False))
+            print(json_line({"query": query, "neighbours": [vars(h) for h in hits]}))
         else:
-            print(query)
+            print(printable(query))
             for rank, hit in enumerate(hits, 1):
-                print(f"    {rank}. {hit.score:.4f}  {hit.path}")
+                print(f"    {rank}. {hit.score:.4f}  {printable(hit.path)}")
     return EXIT_FAILED if errors else EXIT_OK
 
 
@@ -402,7 +538,8 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .serving.app import API_KEY_ENV, ServeSettings, create_app
+        from .serving.app import API_KEY_ENV, ServeSettings, create_app, host_allowed
+        from .serving.protocol import header_timeout_protocol
     except ImportError as exc:
         print(f"ecanfnet: error: serving needs {exc.name}: pip install 'ecanfnet[serve]'", file=sys.stderr)
         return EXIT_FAILED
@@ -410,32 +547,73 @@ def run_serve(args: argparse.Namespace) -> int:
     from .weights import create_model
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+    if api_key is not None and not all("!" <= c <= "~" for c in api_key):
+        # Clients send headers as latin-1 or UTF-8 bytes at will: only printable ASCII compares reliably.
+        print(f"ecanfnet: error: the API key (--api-key or ${API_KEY_ENV}) must be printable ASCII without "
+              "spaces, as HTTP headers carry it", file=sys.stderr)
+        return EXIT_USAGE
+    loopback = host_allowed(args.host)
+    if not loopback and api_key is None:
         warnings.warn(f"serving on {args.host} without an API key: anyone who can reach this port can use it",
                       stacklevel=1)
-    model = create_model(pretrained=args.weights if args.weights is not None else True)
-    engine = InferenceEngine(model, args.backend, args.precision, _device(args.device))
-    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                             max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels,
-                             timeout_s=args.timeout_s, api_key=api_key)
-    print(f"ecanfnet: serving {engine.name} ({engine.backend}, {engine.precision}) on http://{args.host}:{args.port}/",
-          file=sys.stderr, flush=True)
-    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=int(args.timeout_s) + 5)
-    return EXIT_OK
+    try:
+        sock = _listen_socket(args.host, args.port)  # before loading the model: a busy port fails at once
+    except OSError as exc:
+        print(f"ecanfnet: error: cannot listen on {args.host} port {args.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return EXIT_FAILED
+    with sock:
+        model = create_model(pretrained=args.weights if args.weights is not None else True)
+        engine = InferenceEngine(model, args.backend, args.precision, _device(args.device))
+        settings = ServeSettings(
+            max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+            max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels, timeout_s=args.timeout_s,
+            body_timeout_s=args.body_timeout_s, api_key=api_key, decode_workers=args.decode_workers or 0,
+            allowed_hosts=tuple(h.lower() for h in args.allow_host) if loopback else None)
+        print(f"ecanfnet: serving {engine.name} ({engine.backend}, {engine.precision}) on "
+              f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
+        config = uvicorn.Config(create_app(engine, settings), log_level=args.log_level,
+                                timeout_graceful_shutdown=int(args.timeout_s) + 5,
+                                timeout_keep_alive=args.keep_alive_s, limit_concurrency=args.max_connections,
+                                h11_max_incomplete_event_size=args.max_header_bytes,
+                                http=header_timeout_protocol(args.header_timeout_s))
+        server = uvicorn.Server(config)
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:
+            pass
+        except SystemExit:  # uvicorn's own start-up failure (exit 3), already logged
+            return EXIT_FAILED
+    return EXIT_OK if server.started else EXIT_FAILED
+
+
+def _listen_socket(host: str, port: int):
+    """A TCP socket bound to host:port (IPv6 when host has a colon, as uvicorn does); OSError when it cannot be."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    address = socket.getaddrinfo(host.strip("[]"), port, family, socket.SOCK_STREAM)[0][4]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _print_json(result: ImageResult, write: Callable[..., None]) -> None:
-    write(json.dumps(result.to_dict(), ensure_ascii=False), file=sys.stdout)
+    write(json_line(result.to_dict()), file=sys.stdout)
     sys.stdout.flush()
 
 
 def _print_table(result: ImageResult, write: Callable[..., None]) -> None:
-    lines = [result.path]
+    lines = [printable(result.path)]
     if result.error is not None:
-        lines.append(f"    error: {result.error}")
+        lines.append(f"    error: {printable(result.error)}")
     for rank, p in enumerate(result.predictions or [], 1):
-        lines.append(f"    {rank}. {100 * p.score:6.2f}%  {p.label}  [{p.index}]")
+        lines.append(f"    {rank}. {100 * p.score:6.2f}%  {printable(p.label)}  [{p.index}]")
     write("\n".join(lines), file=sys.stdout)
     sys.stdout.flush()
 
@@ -447,17 +625,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # load_image enforces its own pixel limit with a per-file error; PIL's warning would only repeat it.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-    warnings.formatwarning = lambda msg, category, *a, **k: f"ecanfnet: warning: {msg}\n"
+    warnings.formatwarning = lambda msg, category, *a, **k: f"ecanfnet: warning: {printable(msg)}\n"
     try:
         return args.func(args)
     except (WeightsError, BackendError, EmbedError) as exc:
-        print(f"ecanfnet: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("ecanfnet: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return EXIT_OK
+    except OSError as exc:  # writing an output (disk full, read-only, a folder in the way, ...)
+        _error(_os_error_text(exc))
+        return EXIT_FAILED
+
+
+def _error(message: str) -> None:
+    """Print the one-line `ecanfnet: error: ...` for a failure (control characters escaped)."""
+    print(f"ecanfnet: error: {printable(message)}", file=sys.stderr)
+
+
+def _os_error_text(exc: OSError) -> str:
+    """'PATH: reason' for an OSError, without the [Errno N] prefix."""
+    if exc.filename is None:
+        return exc.strerror or str(exc)
+    also = f" -> {exc.filename2}" if exc.filename2 is not None else ""
+    return f"{exc.filename}{also}: {exc.strerror or exc}"
 
 
 if __name__ == "__main__":

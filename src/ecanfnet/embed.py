@@ -6,7 +6,9 @@
   - ``emb.json``       the manifest: model, weights fingerprint, preprocessing, normalisation, the
                        shard plan and every file that could not be read (with the reason).
 Work happens in shards of ``shard_size`` files kept under ``emb.parts/`` until the merge: a run
-that is stopped picks up where it left off, skipping finished shards. Under torchrun, rank r
+that is stopped picks up where it left off, skipping finished shards (a damaged one, e.g. truncated
+by a full disk, is embedded again). Files beside OUT.npy are only ever replaced when they are this
+tool's own earlier output (recognised by the manifest's structure and version). Under torchrun, rank r
 embeds shards r, r + world, ...; rank 0 merges once all have finished (OUT on a shared
 filesystem when the ranks are on several machines).
 """
@@ -15,8 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -25,9 +27,10 @@ import numpy as np
 import torch
 
 from .backends import make_runner, weights_fingerprint
+from .console import printable
 from .distributed import barrier, distributed_setup, say
 from .errors import EmbedError
-from .fileio import write_atomically, write_json_atomically
+from .fileio import check_output_file, write_atomically, write_json_atomically
 from .inference import decoded_batches
 from .model import ECANFNet
 from .transforms import MAX_IMAGE_PIXELS, eval_transform
@@ -63,6 +66,65 @@ class EmbedOutput:
     def parts(self) -> Path:
         return self.sibling(".parts")
 
+    def check_writable(self) -> None:
+        """Refuse (EmbedError/OSError naming the file) an output that would replace what this tool did not write."""
+        for path in (self.vectors, self.manifest, self.paths):
+            if path.is_dir():
+                raise EmbedError(f"{path}: is a folder; --output must name a .npy file, beside which "
+                                 f"{self.manifest.name} and {self.paths.name} are written")
+        check_output_file(self.vectors)
+        if self.manifest.exists():
+            problem = manifest_problem_of(read_json_or_error(self.manifest))
+            if problem is not None:
+                raise EmbedError(f"{self.manifest}: exists and is not an `ecanfnet embed` manifest ({problem}); "
+                                 f"not replacing it: move it away or choose another --output")
+        elif self.paths.exists() and not (self.parts / "plan.json").is_file():  # (a merge stopped before its manifest)
+            raise EmbedError(f"{self.paths}: exists without the `ecanfnet embed` manifest {self.manifest.name} "
+                             f"beside it; not replacing it: move it away or choose another --output")
+        if self.parts.exists() and not (self.parts.is_dir() and _is_our_parts_folder(self.parts)):
+            raise EmbedError(f"{self.parts}: exists and is not an unfinished `ecanfnet embed` run (no plan.json); "
+                             f"not writing into it: move it away or choose another --output")
+
+
+def read_json_or_error(path: Path) -> Any:
+    """The JSON in path, or the Exception that stopped reading it (for the *_problem* checks to report)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        return exc
+
+
+def _is_our_parts_folder(parts: Path) -> bool:
+    return (parts / "plan.json").is_file() or not any(parts.iterdir())
+
+
+def manifest_problem_of(data: Any) -> str | None:
+    """Why data is not a manifest written by this version of `ecanfnet embed` (None when it is one)."""
+    if isinstance(data, Exception):
+        return f"unreadable: {data}"
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
+    plan = data.get("plan")
+    if not isinstance(plan, dict):
+        return "no 'plan' object"
+    if plan.get("version") != MANIFEST_VERSION:
+        return f"'plan.version' is {plan.get('version')!r}, expected {MANIFEST_VERSION}"
+    expected = {"count": int, "dim": int, "vectors": str, "paths": str, "errors": list}
+    expected_plan = {"dim": int, "normalize": bool, "weights_fingerprint": str, "files_sha256": str,
+                     "architecture": str}
+    for where, obj, fields in (("", data, expected), ("plan.", plan, expected_plan)):
+        for key, kind in fields.items():
+            if not isinstance(obj.get(key), kind) or (kind is int and isinstance(obj.get(key), bool)):
+                return f"'{where}{key}' is missing or not {'an' if kind is int else 'a'} {kind.__name__}"
+    if not isinstance(plan.get("weights"), (str, type(None))):
+        return "'plan.weights' is not a string"
+    if data["count"] < 0 or data["dim"] < 1 or data["dim"] != plan["dim"]:
+        return f"'count' {data['count']} / 'dim' {data['dim']} are not valid"
+    if not all(isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("error"), str)
+               for e in data["errors"]):
+        return "'errors' is not a list of {path, error} objects"
+    return None
+
 
 @dataclass
 class EmbedSummary:
@@ -86,19 +148,24 @@ def embedding_model(model: ECANFNet) -> ECANFNet:
 def embed_files(paths: list[str], output: str | Path, weights: WeightsSource | bool = True,
                 model: ECANFNet | None = None, normalize: bool = False, batch_size: int = 32,
                 shard_size: int = 4096, backend: str = "auto", precision: str = "fp32",
-                workers: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS, progress: bool = True) -> EmbedSummary:
+                workers: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS, progress: bool = True,
+                device: str | torch.device | None = None) -> EmbedSummary:
     """Embed every readable image in paths into OUT.npy (+ .paths.txt, .json); resumable, torchrun-aware.
 
     weights: any weights source (True: the published checkpoint); ignored when model is given.
     The model passed in loses its classifier (see embedding_model).
+    device: where the model runs (default: under torchrun the rank's own GPU, else CUDA when available, else CPU).
+    Refuses (EmbedError) to replace an OUT.json or OUT.paths.txt this tool did not write.
     """
     out = EmbedOutput(Path(output))
-    rank, world, device = distributed_setup()
+    out.check_writable()
+    rank, world, rank_device = distributed_setup()
+    device = _run_device(device, rank_device)
     net = embedding_model(model if model is not None else create_model(pretrained=weights))
     plan = _plan(paths, net, normalize, shard_size, weights if model is None else None)
-    if _already_done(out, plan):
-        say(f"{out.vectors} is complete for these files and weights; nothing to do", rank)
-        manifest = json.loads(out.manifest.read_text(encoding="utf-8"))
+    manifest = _finished_manifest(out, plan)
+    if manifest is not None:
+        say(f"{printable(out.vectors)} is complete for these files and weights; nothing to do", rank)
         return EmbedSummary(out.vectors, manifest["count"], manifest["dim"], manifest["errors"], rank=rank)
 
     if rank == 0:
@@ -110,10 +177,10 @@ def embed_files(paths: list[str], output: str | Path, weights: WeightsSource | b
     runner = make_runner(net, backend, precision, device)
     transform = eval_transform(net.pretrained_cfg)
     mine = list(range(rank, len(plan["shards"]), world))
-    todo = [i for i in mine if not _shard_done(out, i)]
+    todo = [i for i in mine if not _shard_done(out, i, plan)]
     if len(todo) < len(mine):
-        say(f"resuming {out.parts}: {len(mine) - len(todo)} of {len(mine)} shards already done", rank)
-    bar = _progress_bar(sum(len(plan["shards"][i]) for i in todo), progress and rank == 0)
+        say(f"resuming {printable(out.parts)}: {len(mine) - len(todo)} of {len(mine)} shards already done", rank)
+    bar = _progress(sum(len(plan["shards"][i]) for i in todo), progress and rank == 0)
     for i in todo:
         _embed_shard(out, i, plan["shards"][i], runner, transform, net.num_features, normalize,
                      batch_size, workers, max_pixels, bar)
@@ -126,6 +193,14 @@ def embed_files(paths: list[str], output: str | Path, weights: WeightsSource | b
         summary.count, summary.errors = _merge(out, plan)
     barrier()
     return summary
+
+
+def _run_device(asked: str | torch.device | None, rank_device: torch.device) -> torch.device:
+    """The device asked for; none, or a plain "cuda" under torchrun, means this rank's own device."""
+    if asked is None:
+        return rank_device
+    asked = torch.device(asked)
+    return rank_device if asked.type == rank_device.type == "cuda" and asked.index is None else asked
 
 
 def _plan(paths: list[str], net: ECANFNet, normalize: bool, shard_size: int, weights: Any) -> dict[str, Any]:
@@ -161,24 +236,24 @@ def _plan_key(plan: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in plan.items() if k != "shards"}
 
 
-def _already_done(out: EmbedOutput, plan: dict[str, Any]) -> bool:
+def _finished_manifest(out: EmbedOutput, plan: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest of an earlier run with this same plan whose outputs are all there, else None."""
     if not (out.manifest.is_file() and out.vectors.is_file() and out.paths.is_file()):
-        return False
-    try:
-        manifest = json.loads(out.manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return manifest.get("plan") == _plan_key(plan)
+        return None
+    manifest = read_json_or_error(out.manifest)
+    if manifest_problem_of(manifest) is not None or manifest.get("plan") != _plan_key(plan):
+        return None
+    return manifest
 
 
 def _start_or_check_parts(out: EmbedOutput, plan: dict[str, Any]) -> None:
     """Create OUT.parts/plan.json, or check that the leftovers there belong to this same run."""
     plan_file = out.parts / "plan.json"
     if plan_file.is_file():
-        try:
-            earlier = json.loads(plan_file.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise EmbedError(f"{plan_file}: unreadable ({exc}); delete {out.parts} to start over") from exc
+        earlier = read_json_or_error(plan_file)
+        if not isinstance(earlier, dict):
+            reason = earlier if isinstance(earlier, Exception) else "not a JSON object"
+            raise EmbedError(f"{plan_file}: unreadable ({reason}); delete {out.parts} to start over")
         if _plan_key(earlier) != _plan_key(plan):
             changed = sorted(k for k in _plan_key(plan) if earlier.get(k) != plan.get(k))
             raise EmbedError(f"{out.parts} holds an unfinished run with other settings ({', '.join(changed)} differ); "
@@ -192,9 +267,43 @@ def _shard_file(out: EmbedOutput, i: int, suffix: str) -> Path:
     return out.parts / f"shard-{i:05d}{suffix}"
 
 
-def _shard_done(out: EmbedOutput, i: int) -> bool:
-    # The .json is written after the .npy, so its presence means both are complete.
-    return _shard_file(out, i, ".json").is_file()
+def _shard_done(out: EmbedOutput, i: int, plan: dict[str, Any]) -> bool:
+    """Whether shard i is finished and intact; a damaged one is deleted (with a note) so that it is embedded again."""
+    # The .json is written after the .npy, so without it the shard was never finished.
+    if not _shard_file(out, i, ".json").is_file():
+        return False
+    problem = _shard_problem(out, i, plan)
+    if problem is None:
+        return True
+    say(f"{printable(problem)}; embedding shard {i} again")
+    _shard_file(out, i, ".json").unlink(missing_ok=True)
+    _shard_file(out, i, ".npy").unlink(missing_ok=True)
+    return False
+
+
+def _shard_problem(out: EmbedOutput, i: int, plan: dict[str, Any]) -> str | None:
+    """Why shard i's files (record .json + vectors .npy) are not a complete result of its part of the plan."""
+    record_file, vectors_file = _shard_file(out, i, ".json"), _shard_file(out, i, ".npy")
+    record = read_json_or_error(record_file)
+    if isinstance(record, Exception):
+        return f"{record_file}: unreadable ({record})"
+    if not (isinstance(record, dict) and isinstance(record.get("paths"), list)
+            and isinstance(record.get("errors"), list) and all(isinstance(p, str) for p in record["paths"])
+            and all(isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("error"), str)
+                    for e in record["errors"])):
+        return f"{record_file}: not a shard record"
+    done = record["paths"] + [e["path"] for e in record["errors"]]
+    if Counter(done) != Counter(plan["shards"][i]):
+        return f"{record_file}: lists other files than shard {i} of the plan"
+    try:
+        vectors = np.load(vectors_file, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        return f"{vectors_file}: damaged or truncated ({exc})"
+    if not isinstance(vectors, np.ndarray) or vectors.dtype != np.float32 \
+            or vectors.shape != (len(record["paths"]), plan["dim"]):
+        return (f"{vectors_file}: holds {getattr(vectors, 'dtype', 'no')} {getattr(vectors, 'shape', 'array')}, "
+                f"expected float32 ({len(record['paths'])}, {plan['dim']})")
+    return None
 
 
 def _embed_shard(out: EmbedOutput, i: int, paths: list[str], runner, transform, dim: int, normalize: bool,
@@ -202,7 +311,7 @@ def _embed_shard(out: EmbedOutput, i: int, paths: list[str], runner, transform, 
     matrix, good, errors = embed_paths(paths, runner, transform, dim, normalize, batch_size, workers, max_pixels,
                                        on_batch=bar.update)
     for err in errors:
-        bar.write(f"ecanfnet: skipped {err['error']}", file=sys.stderr)
+        bar.write(f"ecanfnet: skipped {printable(err['error'])}", file=sys.stderr)
     write_atomically(_shard_file(out, i, ".npy"), lambda tmp: _save_npy(tmp, matrix))
     write_json_atomically(_shard_file(out, i, ".json"), {"paths": good, "errors": errors})
 
@@ -242,6 +351,10 @@ def _finish(vectors: torch.Tensor, normalize: bool) -> np.ndarray:
 def _merge(out: EmbedOutput, plan: dict[str, Any]) -> tuple[int, list[dict[str, str]]]:
     """Concatenate the shards into OUT.npy + OUT.paths.txt + OUT.json (each atomically), then drop OUT.parts."""
     n = len(plan["shards"])
+    for i in range(n):  # another rank's shard may have been damaged since it was written
+        problem = _shard_problem(out, i, plan)
+        if problem is not None:
+            raise EmbedError(f"{problem}; run the same command again to embed that shard again")
     records = [json.loads(_shard_file(out, i, ".json").read_text(encoding="utf-8")) for i in range(n)]
     count = sum(len(r["paths"]) for r in records)
     errors = [e for r in records for e in r["errors"]]
@@ -250,7 +363,7 @@ def _merge(out: EmbedOutput, plan: dict[str, Any]) -> tuple[int, list[dict[str, 
         merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, plan["dim"]))
         row = 0
         for i in range(n):
-            part = np.load(_shard_file(out, i, ".npy"), mmap_mode="r")
+            part = np.load(_shard_file(out, i, ".npy"), mmap_mode="r", allow_pickle=False)
             merged[row:row + len(part)] = part
             row += len(part)
         merged.flush()
@@ -261,8 +374,19 @@ def _merge(out: EmbedOutput, plan: dict[str, Any]) -> tuple[int, list[dict[str, 
     write_atomically(out.paths, lambda tmp: Path(tmp).write_text(lines, encoding="utf-8", errors="surrogateescape"))
     write_json_atomically(out.manifest, {"plan": _plan_key(plan), "count": count, "dim": plan["dim"],
                                          "vectors": out.vectors.name, "paths": out.paths.name, "errors": errors})
-    shutil.rmtree(out.parts, ignore_errors=True)
+    _remove_parts(out)
     return count, errors
+
+
+def _remove_parts(out: EmbedOutput) -> None:
+    """Delete this tool's files in OUT.parts (shards, plan, temp files of killed runs), then the folder if empty."""
+    for pattern in ("shard-*.npy", "shard-*.json", "plan.json", ".shard-*.tmp", ".plan.json.*.tmp"):
+        for path in out.parts.glob(pattern):
+            path.unlink(missing_ok=True)
+    try:
+        out.parts.rmdir()
+    except OSError:
+        pass  # something else is in there: not ours to delete
 
 
 def _save_npy(tmp: str, matrix: np.ndarray) -> None:
@@ -270,8 +394,8 @@ def _save_npy(tmp: str, matrix: np.ndarray) -> None:
         np.save(f, matrix)
 
 
-def _progress_bar(total: int, enabled: bool):
-    from tqdm import tqdm
+def _progress(total: int, enabled: bool):
+    from .progress import progress
 
-    return tqdm(total=total, unit="img", desc="embed", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+    return progress(total, "embed", enabled=enabled)
 

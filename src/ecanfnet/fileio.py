@@ -1,27 +1,105 @@
-"""Writing files so that a crash never leaves a half-written one behind."""
+"""Writing files so that a crash never leaves a half-written one behind.
+
+Permissions: a written file gets what a plain ``open(path, "w")`` would give it: a new file
+0o666 less the process umask (0644 under the usual 022), a replaced file keeps its mode. The
+temp file mkstemp makes is always 0600, so the mode is set explicitly before the rename.
+"""
 
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 
+def _umask_from_proc() -> int | None:
+    """The umask now, from /proc/self/status (Linux 4.7+), or None where that is not available."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _umask_by_setting_it() -> int:
+    # os.umask can only read the mask by replacing it, which races threads creating files at that
+    # moment: done once, at import, and only where /proc cannot tell.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK_AT_IMPORT = _umask_by_setting_it() if _umask_from_proc() is None else None
+
+
+def _umask_of_process() -> int:
+    """The current umask (from /proc), else the one at import."""
+    mask = _umask_from_proc()
+    if mask is None:
+        mask = _UMASK_AT_IMPORT if _UMASK_AT_IMPORT is not None else _umask_by_setting_it()
+    return mask
+
+
+def new_file_mode(target: Path) -> int:
+    """Mode for a file written at target: the existing file's, else 0o666 less the umask (as open(..., "w"))."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode) & 0o777  # never carry set-id bits to a new file
+    except OSError:
+        return 0o666 & ~_umask_of_process()
+
+
 def write_atomically(target: str | os.PathLike, write: Callable[[str], Any]) -> Path:
-    """Call write(temp_path) for a temp file beside target, then rename it over target."""
+    """Call write(temp_path) for a temp file beside target, then rename it over target (mode: see new_file_mode).
+
+    An OSError about the temp file (cannot be created, disk full) is raised naming target instead.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(target)) from exc
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, new_file_mode(target))  # after write(): some writers replace the file rather than reuse it
         os.replace(tmp, target)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename in (tmp, os.fsencode(tmp)):
+            raise OSError(exc.errno, exc.strerror, str(target)) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return target
+
+
+def check_output_file(target: str | os.PathLike) -> Path:
+    """Fail early (OSError naming target) when a file cannot be written at target: a folder there, a file
+    where a parent folder should be, or a parent folder that refuses new files."""
+    target = Path(target)
+    if target.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder; give a file name", str(target))
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{parent} is not a folder", str(target))
+    try:  # a real probe: permission bits say nothing to root, and /proc or a read-only mount refuse anyway
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".ecanfnet-probe-")
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot create files in {parent} ({exc.strerror})", str(target)) from None
+    os.close(fd)
+    os.unlink(probe)
     return target
 
 

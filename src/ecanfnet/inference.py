@@ -10,13 +10,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 from PIL import Image
 
 from .backends import make_runner
+from .files import expand_pattern, walk_image_files
 from .labels import label_names_for
 from .model import ECANFNet
-from .transforms import MAX_IMAGE_PIXELS, ImageLoadError, eval_transform, is_image_file, load_image, to_rgb
+from .transforms import MAX_IMAGE_PIXELS, ImageLoadError, eval_transform, load_image, oriented_rgb
 from .weights import WeightsSource, create_model
 
 
@@ -52,33 +54,44 @@ class ImageResult:
 def find_images(args: Iterable[str]) -> tuple[list[str], list[ImageResult]]:
     """Expand files, folders (recursively, image extensions only) and globs into image paths.
 
-    Returns the paths in a stable order and an error result for each argument that matched nothing.
+    Directory symlinks inside folders and under `**` are not followed (see files.py), and a file
+    reached twice (the same path, a symlink or hard link to it) is listed once. Returns the paths in a
+    stable order and an error result for each argument that matched nothing.
     """
     found: dict[str, None] = {}
+    seen: set[tuple[int, int]] = set()
     problems: list[ImageResult] = []
     for arg in args:
         path = Path(arg)
         if path.is_dir():
-            matches = _images_under(path)
+            matches = walk_image_files(path)
             if not matches:
                 problems.append(ImageResult(arg, error=f"{arg}: no image files in this folder"))
         elif path.exists():
-            matches = [arg]
+            matches = [arg]  # named explicitly: kept whatever it is, so an odd file gets its own error
         elif glob.has_magic(arg):
-            matches = []
-            for hit in sorted(glob.glob(arg, recursive=True)):
-                matches += _images_under(Path(hit)) if Path(hit).is_dir() else [hit]
+            matches = [m for hit in expand_pattern(arg)
+                       for m in (walk_image_files(hit) if os.path.isdir(hit) else [hit])]
             if not matches:
                 problems.append(ImageResult(arg, error=f"{arg}: no file matches this pattern"))
         else:
             problems.append(ImageResult(arg, error=f"{arg}: no such file or folder"))
             matches = []
-        found.update(dict.fromkeys(matches))
+        found.update(dict.fromkeys(m for m in matches if _first_visit(m, seen)))
     return list(found), problems
 
 
-def _images_under(folder: Path) -> list[str]:
-    return sorted(str(p) for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+def _first_visit(path: str, seen: set[tuple[int, int]]) -> bool:
+    """False when path is a file already in seen (by device and inode); records it otherwise."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return True
+    key = (info.st_dev, info.st_ino)
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
 
 
 def _prefetch(items: list[str], fn: Callable[[str], Any], workers: int, window: int) -> Iterator[tuple[str, Future]]:
@@ -126,6 +139,19 @@ def decoded_batches(paths: list[str], transform: Callable[[Image.Image], torch.T
         yield waiting
 
 
+def _as_rgb_image(image: Image.Image | np.ndarray) -> Image.Image:
+    """An in-memory image prepared as a file would be (oriented_rgb); arrays must be HxWx3 or HxW uint8."""
+    if isinstance(image, Image.Image):
+        return oriented_rgb(image)
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+        raise ValueError(f"expected a uint8 array of shape (H, W, 3) or (H, W), got {image.dtype} {image.shape}")
+    if 0 in image.shape:
+        raise ValueError(f"expected a non-empty image, got shape {image.shape}")
+    return oriented_rgb(Image.fromarray(np.ascontiguousarray(image)))
+
+
 def default_device() -> torch.device:
     """CUDA when available, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -158,9 +184,12 @@ class Classifier:
         return [[Prediction(int(i), self.labels[int(i)], float(s)) for s, i in zip(srow, irow)]
                 for srow, irow in zip(scores.tolist(), indices.tolist())]
 
-    def classify(self, images: list[Image.Image], top_k: int = 5) -> list[list[Prediction]]:
-        """Top-k predictions for PIL images (any mode; converted to RGB)."""
-        batch = torch.stack([self.transform(to_rgb(img)) for img in images])
+    def classify(self, images: list[Image.Image | np.ndarray], top_k: int = 5) -> list[list[Prediction]]:
+        """Top-k predictions for PIL images (any mode, EXIF orientation applied as for files) or uint8 arrays.
+
+        Arrays are (H, W, 3) RGB or (H, W) grayscale, dtype uint8; anything else raises ValueError.
+        """
+        batch = torch.stack([self.transform(_as_rgb_image(img)) for img in images])
         return self.top_k(self.probabilities(batch), top_k)
 
     def predict_files(self, paths: list[str], top_k: int = 5, batch_size: int = 16,

@@ -7,14 +7,13 @@ beside the embeddings, and reused.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .embed import EmbedOutput, embed_paths, embedding_model
+from .embed import EmbedOutput, embed_paths, embedding_model, manifest_problem_of, read_json_or_error
 from .errors import EmbedError
 from .fileio import write_atomically
 from .weights import WeightsSource
@@ -48,10 +47,13 @@ class EmbeddingIndex:
             if not required.is_file():
                 raise EmbedError(f"{required}: missing; an index is the output of `ecanfnet embed` "
                                  f"({files.vectors.name}, {files.paths.name}, {files.manifest.name})")
-        manifest = json.loads(files.manifest.read_text(encoding="utf-8"))
-        vectors = np.load(files.vectors, mmap_mode="r")
+        manifest = read_json_or_error(files.manifest)
+        problem = manifest_problem_of(manifest)
+        if problem is not None:
+            raise EmbedError(f"{files.manifest}: not an `ecanfnet embed` manifest ({problem}); re-run `ecanfnet embed`")
+        vectors = _load_vectors(files.vectors, manifest["dim"])
         paths = files.paths.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
-        if vectors.ndim != 2 or len(vectors) != len(paths):
+        if len(vectors) != len(paths):
             raise EmbedError(f"{files.vectors}: {vectors.shape} vectors do not match the {len(paths)} paths "
                              f"in {files.paths}; re-run `ecanfnet embed`")
         return cls(files, vectors, paths, manifest)
@@ -124,7 +126,10 @@ class EmbeddingIndex:
 
 def embed_queries(index: EmbeddingIndex, images: list[str], weights: WeightsSource | bool | None = None,
                   backend: str = "torch", device: str | None = None) -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
-    """Embed query images with the same weights as the index (checked by fingerprint): (vectors, paths, errors)."""
+    """Embed query images with the same weights as the index (checked by fingerprint): (vectors, paths, errors).
+
+    device: where the model runs (default: the CPU).
+    """
     from .backends import make_runner, weights_fingerprint
     from .transforms import eval_transform
     from .weights import create_model
@@ -144,6 +149,19 @@ def embed_queries(index: EmbeddingIndex, images: list[str], weights: WeightsSour
     vectors, good, errors = embed_paths(images, runner, eval_transform(model.pretrained_cfg), model.num_features,
                                         normalize=True)
     return vectors, good, errors
+
+
+def _load_vectors(path: Path, dim: int) -> np.ndarray:
+    """The memory-mapped (N, dim) float32 matrix in path; EmbedError naming it for anything else (never unpickles)."""
+    try:
+        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise EmbedError(f"{path}: not a readable .npy matrix ({exc}); re-run `ecanfnet embed`") from None
+    if not isinstance(vectors, np.ndarray) or vectors.dtype != np.float32 or vectors.ndim != 2 \
+            or vectors.shape[1] != dim:
+        raise EmbedError(f"{path}: holds {getattr(vectors, 'dtype', '?')} {getattr(vectors, 'shape', '?')}, "
+                         f"expected float32 (N, {dim}) as `ecanfnet embed` writes; re-run `ecanfnet embed`")
+    return vectors
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:

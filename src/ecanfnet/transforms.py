@@ -5,16 +5,32 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
+import stat
+import struct
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageMode, UnidentifiedImageError
 
 # Refuse images over this many pixels before decoding them (PIL's own default bomb threshold,
-# about 9,459 x 9,459). A 16-bit RGBA image that size already decodes to ~700 MB.
+# about 9,459 x 9,459).
 MAX_IMAGE_PIXELS = 89_478_485
+# The same limit in bytes: a decoded image may take at most as much memory as an 8-bit RGBA image
+# of MAX_IMAGE_PIXELS pixels. Every PIL mode today stores <= 4 bytes a pixel, so the pixel count is
+# what binds; the rescaling of high bit depths works in row chunks, so one decode peaks at about
+# 9 bytes x pixels (source <= 4, 8-bit copy 1, RGB 4): ~800 MB at the default limit.
+MAX_BYTES_PER_PIXEL = 4
+
+# What Image.open may identify a file as. Formats outside this list are never opened: several
+# (ICNS, BLP, EPS via Ghostscript, FPX, MIC...) decode nested images or run programs while opening,
+# before any size check. JPEG includes MPO (multi-picture camera JPEGs; only the first is decoded).
+# ICO and CUR are checked entry by entry before opening (see _check_icon_entries).
+OPEN_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "ICO", "CUR")
+_FORMAT_NAMES = "JPEG, PNG, GIF, BMP, TIFF, WebP, PNM, ICO, CUR"
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                               ".ppm", ".pgm", ".pbm", ".pnm", ".jfif", ".ico"})
@@ -32,14 +48,35 @@ class ImageTooLarge(ImageLoadError):
 def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Open, fully decode and return an RGB image with its EXIF orientation applied.
 
-    Raises ImageLoadError naming the file for empty, truncated, unrecognised or oversized files.
+    Raises ImageLoadError naming the file for empty, truncated, unrecognised, oversized or
+    non-regular files (a FIFO, socket or device is refused without reading from it).
     """
     name = os.fspath(path)
+    fh, size = _open_regular_file(name)
+    with fh:
+        return _decode(fh, name, size == 0, max_pixels)
+
+
+def _open_regular_file(name: str) -> tuple[BinaryIO, int]:
+    """Open name for reading if it is a regular file; (file, size). Devices are refused before being opened."""
     try:
-        empty = Path(name).stat().st_size == 0
+        _refuse_special(name, os.stat(name).st_mode)
+        # O_NONBLOCK: should name become a FIFO after the stat, opening it must still not wait for a writer.
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     except OSError as exc:
         raise ImageLoadError(f"{name}: cannot read the file ({exc.strerror or exc})") from exc
-    return _decode(name, name, empty, max_pixels)
+    try:
+        info = os.fstat(fd)
+        _refuse_special(name, info.st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb"), info.st_size
+
+
+def _refuse_special(name: str, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise ImageLoadError(f"{name}: not a regular file ({_file_kind(mode)})")
 
 
 def decode_image(data: bytes, name: str = "upload", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
@@ -47,76 +84,209 @@ def decode_image(data: bytes, name: str = "upload", max_pixels: int = MAX_IMAGE_
     return _decode(io.BytesIO(data), name, len(data) == 0, max_pixels)
 
 
-def _decode(source: str | io.BytesIO, name: str, empty: bool, max_pixels: int) -> Image.Image:
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
+    return next((kind for test, kind in kinds if test(mode)), "a special file")
+
+
+def _decode(source: BinaryIO, name: str, empty: bool, max_pixels: int) -> Image.Image:
     if empty:
         raise ImageLoadError(f"{name}: empty file (0 bytes)")
+    _let_pillow_open_up_to(max_pixels)
     try:
-        with Image.open(source) as img:
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageTooLarge(_too_many_pixels(name, width, height, max_pixels))
+        _check_icon_entries(source, name, max_pixels)
+        with Image.open(source, formats=OPEN_FORMATS) as img:
+            _check_size(name, img.width, img.height, img.mode, max_pixels)
             img.load()
-            img = _apply_exif_orientation(img)
-            return to_rgb(img)
+            return _oriented_rgb(img, release=True)
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"{name}: refused as a decompression bomb, over the limit of {max_pixels:,} pixels "
-                            f"({exc})") from exc
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(pixels.group(1)):,} pixels is " if pixels else ""
+        raise ImageTooLarge(f"{name}: {size}over the limit of {max_pixels:,} pixels{_RAISE_HINT}") from exc
     except UnidentifiedImageError as exc:
-        raise ImageLoadError(f"{name}: not an image format PIL can read") from exc
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        raise ImageLoadError(f"{name}: cannot read the file ({exc.strerror or exc})") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # PIL signals corrupt data with these
+        raise ImageLoadError(f"{name}: not an image in a supported format ({_FORMAT_NAMES})") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:  # PIL signals corrupt data with these
         raise ImageLoadError(f"{name}: truncated or corrupt image data ({exc})") from exc
 
 
+_RAISE_HINT = " (decompression-bomb guard; raise it with --max-pixels if the file is trusted)"
+
+
 def _too_many_pixels(name: str, width: int, height: int, limit: int) -> str:
-    return (f"{name}: {width} x {height} = {width * height:,} pixels is over the limit of {limit:,} "
-            f"(decompression-bomb guard; raise it with --max-pixels if the file is trusted)")
+    return f"{name}: {width} x {height} = {width * height:,} pixels is over the limit of {limit:,}{_RAISE_HINT}"
 
 
-def _apply_exif_orientation(img: Image.Image) -> Image.Image:
-    """Rotate/flip as the EXIF Orientation tag says; a damaged EXIF block leaves the image as is."""
+def _check_size(name: str, width: int, height: int, mode: str, max_pixels: int) -> None:
+    """Refuse before decoding: over max_pixels pixels, or over MAX_BYTES_PER_PIXEL * max_pixels bytes decoded."""
+    if width * height > max_pixels:
+        raise ImageTooLarge(_too_many_pixels(name, width, height, max_pixels))
+    decoded = width * height * _bytes_per_pixel(mode)
+    if decoded > MAX_BYTES_PER_PIXEL * max_pixels:
+        raise ImageTooLarge(f"{name}: {width} x {height} {mode} decodes to {decoded:,} bytes, over the limit of "
+                            f"{MAX_BYTES_PER_PIXEL * max_pixels:,} ({MAX_BYTES_PER_PIXEL} bytes x the limit of "
+                            f"{max_pixels:,} pixels){_RAISE_HINT}")
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    """Bytes one pixel of a PIL mode takes decoded (bands x sample size; unknown modes count as 8)."""
     try:
-        return ImageOps.exif_transpose(img)
+        info = ImageMode.getmode(mode)
+        return len(info.bands) * int(info.typestr[2:])
+    except (KeyError, ValueError):
+        return 8
+
+
+_pillow_limit_lock = threading.Lock()
+
+
+def _let_pillow_open_up_to(max_pixels: int) -> None:
+    """Keep Pillow's own (process-wide) bomb guard from refusing what max_pixels allows.
+
+    Pillow raises DecompressionBombError above 2 * Image.MAX_IMAGE_PIXELS. Our limit is enforced by
+    _check_size for every format we open and by _check_icon_entries for the containers that decode at
+    open, so Pillow's global is only ever raised (never lowered: other threads may use a larger limit).
+    """
+    with _pillow_limit_lock:
+        if Image.MAX_IMAGE_PIXELS is not None and 2 * Image.MAX_IMAGE_PIXELS < max_pixels:
+            Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2
+
+
+_ICON_MAGICS = (b"\0\0\1\0", b"\0\0\2\0")  # ICO, CUR
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_icon_entries(source: BinaryIO, name: str, max_pixels: int) -> None:
+    """Check every image inside an ICO/CUR against the limit before Pillow opens it.
+
+    Pillow decodes the largest icon while *opening* the file, and an entry may be a PNG of any size
+    whatever the directory says, so the real size is read from each entry's own PNG or BMP header.
+    """
+    head = source.read(6)
+    try:
+        if len(head) < 6 or head[:4] not in _ICON_MAGICS:
+            return
+        count = struct.unpack("<H", head[4:6])[0]
+        directory = source.read(16 * count)
+        for i in range(len(directory) // 16):
+            source.seek(struct.unpack("<I", directory[16 * i + 12:16 * i + 16])[0])
+            width, height = _icon_entry_size(source.read(24))
+            if width * height > max_pixels:
+                raise ImageTooLarge(_too_many_pixels(name, width, height, max_pixels))
+    finally:
+        source.seek(0)
+
+
+def _icon_entry_size(header: bytes) -> tuple[int, int]:
+    """(width, height) of one ICO/CUR entry from its PNG IHDR or BMP info header; (0, 0) if unreadable."""
+    if header.startswith(_PNG_MAGIC) and len(header) >= 24:
+        return struct.unpack(">II", header[16:24])
+    if len(header) >= 12 and struct.unpack("<I", header[:4])[0] == 12:  # BITMAPCOREHEADER: 16-bit sizes
+        width, height = struct.unpack("<HH", header[4:8])
+        return width, height // 2  # the height covers the image and its AND mask
+    if len(header) >= 12:
+        width, height = struct.unpack("<ii", header[4:12])
+        return abs(width), abs(height) // 2
+    return 0, 0
+
+
+def oriented_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB with its EXIF orientation applied (what every entry point feeds the model)."""
+    return _oriented_rgb(img, release=False)
+
+
+def _oriented_rgb(img: Image.Image, release: bool) -> Image.Image:
+    """oriented_rgb; with release, the source image's memory is freed as soon as an 8-bit copy exists."""
+    method = _exif_transpose_method(img)
+    reduced = _reduce_depth(img)
+    if release and reduced is not img:
+        img.close()
+    if method is not None:
+        reduced = reduced.transpose(method)
+    return to_rgb(reduced)
+
+
+# EXIF Orientation tag (0x0112) value -> the transpose that displays the image upright (as ImageOps.exif_transpose).
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _exif_transpose_method(img: Image.Image) -> Image.Transpose | None:
+    """The transpose the EXIF Orientation tag asks for; a damaged EXIF block leaves the image as is."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+        return _ORIENTATION_TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
     except Exception:  # noqa: BLE001 - malformed EXIF must not lose an otherwise good image
-        return img
+        return None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB: high bit depths are rescaled, transparency is composited on white."""
-    if img.mode in _SIXTEEN_BIT_MODES or img.mode in ("I", "F"):
-        img = Image.fromarray(_to_uint8(np.asarray(img), img.mode), mode="L")
+    img = _reduce_depth(img)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
+        background.paste(rgba, mask=rgba)  # an RGBA mask pastes through its alpha band
         return background
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
-    """Scale a 16-bit, 32-bit integer or float single-channel image into 0..255."""
-    values = values.astype(np.float64)
-    if mode == "F":
-        top = 1.0 if values.size and values.max() <= 1.0 else 255.0
-    elif mode in _SIXTEEN_BIT_MODES or (values.size and 0 <= values.min() and values.max() <= 65535):
-        top = 65535.0
-    else:
-        top = float(values.max()) or 1.0
-    return np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+# Rows of a high bit depth image are rescaled this many pixels at a time, so the float64 working
+# set stays a few MB whatever the image size (a whole-image float64 copy is 8 bytes per pixel).
+_CHUNK_PIXELS = 1 << 18
+
+
+def _reduce_depth(img: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float single-channel image -> 8-bit 'L' scaled into 0..255; others as they are."""
+    if img.mode not in _SIXTEEN_BIT_MODES and img.mode not in ("I", "F"):
+        return img
+    top = _scale_top(img)
+    width, height = img.size
+    out = np.empty((height, width), np.uint8)
+    rows = max(1, _CHUNK_PIXELS // max(width, 1))
+    for y in range(0, height, rows):
+        band = np.asarray(img.crop((0, y, width, min(height, y + rows))), dtype=np.float64)
+        np.multiply(band, 255.0 / top, out=band)
+        np.rint(band, out=band)
+        np.clip(band, 0, 255, out=band)
+        out[y:y + rows] = np.nan_to_num(band, copy=False, nan=0.0)
+    return Image.fromarray(out)
+
+
+def _scale_top(img: Image.Image) -> float:
+    """The value that maps to 255: 1.0 or 255 for floats, 65535 for 16-bit data, else the image's maximum."""
+    if img.mode in _SIXTEEN_BIT_MODES:
+        return 65535.0
+    low, high = img.getextrema() if img.width and img.height else (0, 0)  # computed by PIL, no copy
+    if img.mode == "F":
+        return 1.0 if high <= 1.0 else 255.0
+    return 65535.0 if 0 <= low and high <= 65535 else float(high) or 1.0
+
+
+CROP_MODES = ("center", "squash", "border")
+# The resized image before the crop may be at most this many times the (H, W)/crop_pct area; beyond it
+# (extreme aspect ratios) only the kept region is resampled, so memory stays bounded.
+MAX_RESIZE_AREA_FACTOR = 16
 
 
 def eval_settings(pretrained_cfg: dict[str, Any]) -> dict[str, Any]:
-    """The test-time preprocessing settings of a checkpoint (test_input_size/test_crop_pct when given)."""
-    size = (pretrained_cfg.get("test_input_size") or pretrained_cfg["input_size"])[-1]
+    """The test-time preprocessing settings of a checkpoint (test_input_size/test_crop_pct when given).
+
+    image_size is (height, width), from the [3, H, W] input size.
+    """
+    size = pretrained_cfg.get("test_input_size") or pretrained_cfg["input_size"]
     crop_pct = pretrained_cfg.get("test_crop_pct") or pretrained_cfg.get("crop_pct") or 1.0
     return {
-        "image_size": int(size),
+        "image_size": (int(size[-2]), int(size[-1])),
         "crop_pct": float(crop_pct),
+        "crop_mode": pretrained_cfg.get("crop_mode") or "center",
         "interpolation": pretrained_cfg.get("interpolation", "bicubic"),
         "mean": tuple(pretrained_cfg["mean"]),
         "std": tuple(pretrained_cfg["std"]),
@@ -131,31 +301,64 @@ _PIL_FILTERS = {
 
 
 class EvalTransform:
-    """PIL RGB image -> normalised (3, S, S) float tensor: resize the short side to S/crop_pct, center-crop S.
+    """PIL RGB image -> normalised (3, H, W) float tensor, resized and cropped as timm's eval transform does.
 
+    crop_mode "center": resize keeping the aspect ratio so the image covers (H, W)/crop_pct, center-crop
+    (H, W); "squash": resize to exactly (H, W)/crop_pct, center-crop; "border": resize keeping the aspect
+    ratio so the image fits inside (H, W)/crop_pct, then center-crop or pad with the mean colour.
     Written on PIL directly instead of torchvision.transforms, whose import costs seconds of
     start-up; the tests hold it equal to timm's transforms_imagenet_eval.
     """
 
-    def __init__(self, image_size: int, crop_pct: float, interpolation: str,
-                 mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(self, image_size: int | tuple[int, int], crop_pct: float, interpolation: str,
+                 mean: tuple[float, ...], std: tuple[float, ...], crop_mode: str = "center") -> None:
         if interpolation not in _PIL_FILTERS:
             raise ValueError(f"interpolation must be one of {', '.join(_PIL_FILTERS)}, got {interpolation!r}")
-        self.image_size = image_size
-        self.resize_to = math.floor(image_size / crop_pct)
+        if crop_mode not in CROP_MODES:
+            raise ValueError(f"crop_mode must be one of {', '.join(CROP_MODES)}, got {crop_mode!r}")
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        self.image_size = (int(height), int(width))
+        self.scale_size = (math.floor(height / crop_pct), math.floor(width / crop_pct))
+        self.crop_mode = crop_mode
         self.filter = _PIL_FILTERS[interpolation]
+        self.fill = tuple(round(255 * v) for v in mean) if crop_mode == "border" else (0, 0, 0)
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
 
     def resize_and_crop(self, img: Image.Image) -> Image.Image:
-        """The geometric part: short side to resize_to (aspect kept), then the centered square crop."""
-        w, h = img.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_long = int(self.resize_to * long / short)
-        size = (self.resize_to, new_long) if w <= h else (new_long, self.resize_to)
+        """The geometric part: the crop mode's resize, then the centered (H, W) crop (padded where smaller)."""
+        size = self._resized_size(*img.size)
+        if size[0] * size[1] > MAX_RESIZE_AREA_FACTOR * self.scale_size[0] * self.scale_size[1]:
+            return self._resize_only_the_crop(img, size)
         if size != img.size:
             img = img.resize(size, self.filter)
-        return img.crop(_center_box(img.size, self.image_size))
+        return _center_crop_or_pad(img, self.image_size, self.fill)
+
+    def _resize_only_the_crop(self, img: Image.Image, size: tuple[int, int]) -> Image.Image:
+        """Resample just the source region that the center crop keeps (same filter scale as the full resize).
+
+        A 10000 x 2 strip would otherwise be resized to 288 x 1,440,000 pixels before the crop; this way the
+        memory is that of the crop whatever the aspect ratio. Only "center" mode gets here (the other modes
+        never resize past scale_size), so the crop lies inside the resized image.
+        """
+        (out_h, out_w), (new_w, new_h) = self.image_size, size
+        left, top = _crop_offset(new_w, out_w), _crop_offset(new_h, out_h)
+        sx, sy = img.width / new_w, img.height / new_h
+        box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
+        return img.resize((out_w, out_h), self.filter, box=box)
+
+    def _resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after the crop mode's resize."""
+        scale_h, scale_w = self.scale_size
+        if self.crop_mode == "squash":
+            return scale_w, scale_h
+        if self.crop_mode == "center" and scale_h == scale_w:  # torchvision's Resize(int): short side to S
+            short, long = sorted((width, height))
+            new_long = int(scale_h * long / short)
+            return (scale_h, new_long) if width <= height else (new_long, scale_h)
+        ratio_h, ratio_w = height / scale_h, width / scale_w  # timm's ResizeKeepRatio
+        ratio = max(ratio_h, ratio_w) if self.crop_mode == "border" else min(ratio_h, ratio_w)
+        return round(width / ratio), round(height / ratio)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         pixels = torch.from_numpy(np.asarray(self.resize_and_crop(img), dtype=np.uint8).copy())
@@ -163,10 +366,21 @@ class EvalTransform:
         return x.sub_(self.mean).div_(self.std)
 
 
-def _center_box(size: tuple[int, int], crop: int) -> tuple[int, int, int, int]:
-    """Crop box centered like torchvision's CenterCrop (zero padding where the image is smaller)."""
-    offsets = [int(round((side - crop) / 2.0)) if side >= crop else -((crop - side) // 2) for side in size]
-    return offsets[0], offsets[1], offsets[0] + crop, offsets[1] + crop
+def _center_crop_or_pad(img: Image.Image, out_hw: tuple[int, int], fill: tuple[int, ...]) -> Image.Image:
+    """Crop (H, W) centered like torchvision's CenterCrop; where the image is smaller, pad it with fill."""
+    (out_h, out_w), (width, height) = out_hw, img.size
+    left, top = _crop_offset(width, out_w), _crop_offset(height, out_h)
+    if out_w <= width and out_h <= height:
+        return img.crop((left, top, left + out_w, top + out_h))
+    canvas = Image.new(img.mode, (out_w, out_h), fill)
+    canvas.paste(img.crop((max(left, 0), max(top, 0), max(left, 0) + min(out_w, width),
+                           max(top, 0) + min(out_h, height))), (max(-left, 0), max(-top, 0)))
+    return canvas
+
+
+def _crop_offset(side: int, crop: int) -> int:
+    """Where the crop starts along one side; negative = that much padding before the image."""
+    return int(round((side - crop) / 2.0)) if side >= crop else -((crop - side) // 2)
 
 
 def eval_transform(pretrained_cfg: dict[str, Any]) -> EvalTransform:

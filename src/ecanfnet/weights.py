@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import pickletools
 import re
 import socket
+import tarfile
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -23,6 +27,7 @@ from urllib.parse import urlparse
 import torch
 from .errors import WeightsError
 from .fileio import write_atomically, write_json_atomically
+from .metadata import MAX_CONFIG_BYTES, short_repr, validate_config
 from .model import CONFIGS, ECANFNet, ECANFNetFeatures, build_model
 
 WeightsSource = Union[str, os.PathLike]
@@ -37,6 +42,10 @@ DEFAULT_HUB_REPOS = {
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# torch.save's legacy (non-zip) format starts with this number, pickled.
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PREFIXES = tuple(pickle.dumps(_LEGACY_MAGIC, protocol=p) for p in range(pickle.HIGHEST_PROTOCOL + 1))
 
 
 @dataclass
@@ -94,7 +103,7 @@ def resolve_weights(source: WeightsSource) -> Checkpoint:
     if path.is_dir():
         return _from_folder(path)
     if path.is_file():
-        return Checkpoint(_read_weights_file(path), {}, text)
+        return _checkpoint(path, None, text)
     raise WeightsError(
         f"weights source {text!r}: no such file or folder "
         f"(expected a hub id like 'hf-hub:timm/eca_nfnet_l0', a hub-layout folder, "
@@ -102,30 +111,138 @@ def resolve_weights(source: WeightsSource) -> Checkpoint:
 
 
 def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors from a .safetensors file, or from a pickle loaded with weights_only=True."""
+    """Floating-point, finite tensors from a .safetensors file or a torch.save file (weights_only=True)."""
     if path.stat().st_size == 0:
         raise WeightsError(f"{path}: the file is empty")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
         try:
-            return load_file(str(path))
+            state = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from exc
-    if path.suffix not in PICKLE_SUFFIXES:
+            raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from exc
+    elif path.suffix in PICKLE_SUFFIXES:
+        state = _unwrap_state_dict(_torch_load(path), path)
+    else:
         raise WeightsError(f"{path}: unknown weights format {path.suffix!r}; use .safetensors, .pth, .pt, .bin, .ckpt or .pth.tar")
+    _check_tensors(state, path)
+    return state
+
+
+def _check_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse sparse, exotic floating-point or non-finite tensors, naming the first bad key.
+
+    Integer tensors (other architectures' counters) pass here; load_checkpoint refuses them as weights.
+    """
+    for key, t in state.items():
+        if t.layout != torch.strided or ((t.is_floating_point() or t.is_complex()) and t.dtype not in FLOAT_DTYPES):
+            raise WeightsError(f"{path}: tensor {short_repr(key)} is {t.dtype} ({t.layout}); weights must be dense "
+                               f"float16, bfloat16, float32 or float64 tensors")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise WeightsError(f"{path}: tensor {short_repr(key)} holds NaN or infinite values")
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load(weights_only=True) of a torch.save file; a one-line refusal for anything else."""
+    if not _is_torch_save_file(path):
+        foreign = _foreign_global(path)
+        if foreign:
+            raise WeightsError(f"{path}: refused to load: a plain Python pickle, not a torch.save checkpoint, and it "
+                               f"references {foreign}: unpickling it could run code. Only torch.save tensor "
+                               f"checkpoints and .safetensors files are read.")
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint: not in torch.save's format (a plain Python "
+                           f"pickle, another format or a damaged file); only torch.save tensor checkpoints and "
+                           f".safetensors files are read")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
-        blocked = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if blocked or "Unsupported class" in str(exc):
-            what = f" ({blocked.group(1)})" if blocked else ""
+        with warnings.catch_warnings():  # a second line besides the refusal, about torch internals
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, KeyError...
+        foreign = _foreign_global(path)
+        if foreign:
             raise WeightsError(
-                f"{path}: refused to load: the pickle references Python objects besides tensors{what}, and "
-                f"unpickling those can run code. Only plain tensor checkpoints are read (torch.load "
-                f"weights_only=True); convert a trusted file to .safetensors first.") from exc
-        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
-    return _unwrap_state_dict(obj, path)
+                f"{path}: refused to load: the pickle references Python objects besides tensors ({foreign}), and "
+                f"unpickling those can run code. Only plain tensor checkpoints are read; convert a trusted file "
+                f"to .safetensors first.") from exc
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({_torch_reason(exc)})") from exc
+
+
+def _is_torch_save_file(path: Path) -> bool:
+    """Whether the file has a torch.save layout: a zip archive, or the legacy pickles starting with torch's magic number."""
+    if zipfile.is_zipfile(path):
+        return True
+    with path.open("rb") as f:
+        head = f.read(64)
+    return head.startswith(_LEGACY_PREFIXES) or tarfile.is_tarfile(path)
+
+
+def _foreign_global(path: Path, max_bytes: int = 64 * 2**20) -> str | None:
+    """The first global a checkpoint's pickles name that torch's weights-only unpickler does not allow.
+
+    Reads the opcodes only (pickletools), never unpickles; for a zip checkpoint its data.pkl.
+    """
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+        allowed = set(_get_allowed_globals())
+    except Exception:  # noqa: BLE001 - a private torch API: without it any global is named
+        allowed = set()
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                pkl = [i for i in archive.infolist() if i.filename.endswith("data.pkl") and i.file_size <= max_bytes]
+                data = archive.read(pkl[0]) if pkl else b""
+        else:
+            with path.open("rb") as f:
+                data = f.read(max_bytes)
+    except (OSError, zipfile.BadZipFile, RuntimeError, ValueError, EOFError):
+        return None
+    return next((g for g in _pickle_globals(data) if g not in allowed), None)
+
+
+def _pickle_globals(data: bytes, max_pickles: int = 4) -> list[str]:
+    """'module.name' of every GLOBAL / STACK_GLOBAL in the first pickles of data (legacy files hold several)."""
+    import io
+
+    found: list[str] = []
+    stream = io.BytesIO(data)
+    for _ in range(max_pickles):
+        strings: list[Any] = []
+        memo: dict[Any, Any] = {}
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                if op.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif "UNICODE" in op.name or "STRING" in op.name:
+                    strings.append(arg)
+                elif op.name == "MEMOIZE" and strings:
+                    memo[len(memo)] = strings[-1]
+                elif op.name in ("PUT", "BINPUT", "LONG_BINPUT") and strings:
+                    memo[arg] = strings[-1]
+                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                    strings.append(memo.get(arg))
+        except Exception:  # noqa: BLE001 - damaged or non-pickle bytes end the scan
+            break
+    return found
+
+
+def _torch_reason(exc: BaseException) -> str:
+    """One line from torch's error, without its advice to disable weights_only."""
+    text = str(exc)
+    m = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if m:
+        text = m.group(1)
+    line = _first_line(text)
+    if "weights_only" in line:
+        line = "the weights-only unpickler rejected it"
+    return f"{type(exc).__name__}: {line}"
+
+
+def _first_line(exc: BaseException | str, limit: int = 200) -> str:
+    """The first non-empty line of an error, cut to limit characters."""
+    line = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -141,23 +258,40 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_config(path: Path | None) -> dict[str, Any]:
-    """A hub config.json as a dict ({} when there is none)."""
+    """A hub config.json parsed (not yet validated) as a dict ({} when there is none), size-bounded."""
     if path is None or not path.is_file():
         return {}
+    with path.open("rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise WeightsError(f"{path}: over the limit of {MAX_CONFIG_BYTES // 2**20} MiB for a config.json")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise WeightsError(f"{path}: not valid JSON ({exc})") from exc
+        config = json.loads(data.decode("utf-8"))
+    except RecursionError as exc:
+        raise WeightsError(f"{path}: not valid JSON (nested too deeply)") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, integers of too many digits
+        raise WeightsError(f"{path}: not valid JSON ({_first_line(exc)})") from exc
     if not isinstance(config, dict):
         raise WeightsError(f"{path}: expected a JSON object")
     return config
 
 
+def _checkpoint(weights: Path, config_path: Path | None, source: str) -> Checkpoint:
+    """Read and check the weights and the config.json next to them (each error names its file)."""
+    raw = _read_config(config_path)
+    if raw:  # fail fast, before reading ~100 MB of weights; checked again below against the classifier
+        validate_config(raw, str(config_path))
+    state = _read_weights_file(weights)
+    w = state.get("head.fc.weight")
+    width = int(w.shape[0]) if w is not None else None
+    config = validate_config(raw, str(config_path), num_classes=width) if raw else {}
+    return Checkpoint(state, config, source)
+
+
 def _from_folder(folder: Path) -> Checkpoint:
-    config = _read_config(folder / "config.json")
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
-            return Checkpoint(_read_weights_file(folder / name), config, str(folder))
+            return _checkpoint(folder / name, folder / "config.json", str(folder))
     raise WeightsError(f"{folder}: holds neither {' nor '.join(WEIGHT_FILES)}")
 
 
@@ -191,11 +325,11 @@ def _from_hub(repo: str, text: str) -> Checkpoint:
         except EntryNotFoundError:
             return None
 
-    config = _read_config(fetch("config.json"))
+    config_path = fetch("config.json")
     for name in WEIGHT_FILES:
         path = fetch(name)
         if path is not None:
-            return Checkpoint(_read_weights_file(path), config, text)
+            return _checkpoint(path, config_path, text)
     if unreachable:
         raise unreachable[0]
     raise WeightsError(f"{text}: the repository holds neither {' nor '.join(WEIGHT_FILES)}")
@@ -222,11 +356,12 @@ def load_checkpoint(model: ECANFNet, ckpt: Checkpoint) -> None:
             state.pop(k, None)
     expected = {k: v for k, v in own.items() if not (head_differs and k in HEAD_KEYS)}
     missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
+    unexpected = sorted(k if k.isprintable() and len(k) <= 200 else short_repr(k) for k in state.keys() - expected.keys())
     mismatched = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
                         for k, v in expected.items() if k in state and state[k].shape != v.shape)
-    if missing or unexpected or mismatched:
-        raise WeightsError(_describe_mismatch(model.name, ckpt, missing, unexpected, mismatched))
+    not_float = sorted(f"{k} ({state[k].dtype})" for k in expected if k in state and not state[k].is_floating_point())
+    if missing or unexpected or mismatched or not_float:
+        raise WeightsError(_describe_mismatch(model.name, ckpt, missing, unexpected, mismatched, not_float))
     if head_differs and model.num_classes:
         had = f"has {ckpt.num_classes} classes" if ckpt.num_classes else "has no classifier"
         warnings.warn(f"{ckpt.source}: the checkpoint's classifier {had}, the model {model.num_classes}; "
@@ -238,11 +373,12 @@ def load_checkpoint(model: ECANFNet, ckpt: Checkpoint) -> None:
 
 
 def _describe_mismatch(name: str, ckpt: Checkpoint, missing: list[str], unexpected: list[str],
-                       mismatched: list[str], shown: int = 8) -> str:
+                       mismatched: list[str], not_float: list[str], shown: int = 8) -> str:
     lines = [f"{ckpt.source}: the checkpoint does not fit {name}"
              + (f" (it looks like {ckpt.architecture})" if ckpt.architecture not in (None, name) else "")]
     for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                        ("shape mismatches (checkpoint vs model)", mismatched)):
+                        ("shape mismatches (checkpoint vs model)", mismatched),
+                        ("not floating-point", not_float)):
         if keys:
             more = f", ... and {len(keys) - shown} more" if len(keys) > shown else ""
             lines.append(f"  {title} ({len(keys)}): {', '.join(keys[:shown])}{more}")

@@ -51,6 +51,13 @@ class Server:
         self.log.seek(0)
         return self.log.read()
 
+    def gauge(self, name: str) -> float:
+        """The current value of a Prometheus gauge from /metrics."""
+        for line in self.client.get("/metrics").text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+        raise KeyError(f"no gauge {name} in /metrics")
+
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -72,6 +79,28 @@ class Server:
 def server(timm_hub_folder):
     """The default configuration (backend auto: ONNX Runtime on this CPU), batches of up to 8."""
     srv = Server(timm_hub_folder, "--max-batch", "8", "--max-wait-ms", "20")
+    yield srv
+    srv.stop()
+
+
+# A label that would run script if a page inserted it as HTML.
+HTML_LABEL = '<img src=x onerror="document.title=1">'
+
+
+@pytest.fixture(scope="package")
+def three_class_folder(tmp_path_factory) -> Path:
+    """A randomly initialised 3-class checkpoint at 64 px, one of whose labels is HTML."""
+    from hostile import small_model_folder
+
+    return small_model_folder(tmp_path_factory.mktemp("three_class"), 3, [HTML_LABEL, "dog", "fish"], size=64)
+
+
+@pytest.fixture(scope="package")
+def hardened(three_class_folder):
+    """A 3-class server with short timeouts and one decode thread, for the flood and slow-client tests."""
+    srv = Server(three_class_folder, "--backend", "torch", "--max-batch", "2", "--max-queue", "30",
+                 "--max-wait-ms", "5", "--timeout-s", "3", "--body-timeout-s", "2", "--header-timeout-s", "2",
+                 "--decode-workers", "1")
     yield srv
     srv.stop()
 

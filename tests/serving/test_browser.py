@@ -10,7 +10,7 @@ import pytest
 
 from conftest import photo_arrays
 
-from .conftest import jpeg_bytes
+from .conftest import HTML_LABEL, jpeg_bytes
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
@@ -60,3 +60,23 @@ def test_page_uploads_a_photo_and_shows_the_apis_top5(browser, server, tmp_path)
     assert [s for _, _, s in shown] == [f"{100 * p['score']:.2f}%" for p in want]
     assert browser.find_element(By.ID, "preview").get_attribute("hidden") is None
     assert "ms" in browser.find_element(By.ID, "latency").text
+
+
+def test_page_asks_a_three_class_model_for_its_three_classes_and_shows_labels_as_text(browser, hardened, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    photo = tmp_path / "chelsea.jpg"
+    photo.write_bytes(jpeg_bytes(photo_arrays()["chelsea"]))
+    browser.get(hardened.url + "/")
+    wait = WebDriverWait(browser, 120)
+    wait.until(EC.text_to_be_present_in_element((By.ID, "model"), "3 classes"))
+    title = browser.title
+    browser.find_element(By.ID, "file").send_keys(str(photo))
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done")
+
+    items = browser.find_elements(By.CSS_SELECTOR, "#results li")
+    labels = [li.find_element(By.CLASS_NAME, "label").text for li in items]
+    assert sorted(labels) == sorted([HTML_LABEL, "dog", "fish"])  # all 3, the HTML one as its literal text
+    assert not browser.find_elements(By.CSS_SELECTOR, "#results img") and browser.title == title

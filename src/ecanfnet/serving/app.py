@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
+import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -14,17 +15,22 @@ from typing import Any
 
 import torch
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..transforms import ImageLoadError, ImageTooLarge, decode_image
 from .batcher import DynamicBatcher, QueueFull
 from .engine import InferenceEngine
+from .workers import DecodeBusy, DecodeQueue
 
 API_KEY_ENV = "ECANFNET_API_KEY"
 RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
+DEFAULT_TOP_K = 5
+log = logging.getLogger("ecanfnet")
 
 
 @dataclass
@@ -36,9 +42,11 @@ class ServeSettings:
     max_queue: int = 64                     # images waiting for a batch; beyond it -> 503
     max_upload_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
-    timeout_s: float = 30.0                 # per request, decoding and queueing included -> 504
+    timeout_s: float = 30.0                 # per request once its body is in, decoding and queueing included -> 504
+    body_timeout_s: float = 10.0            # to receive the whole body, before the request is admitted -> 408
     api_key: str | None = None
     decode_workers: int = 0                 # 0: one per CPU, at most 8
+    allowed_hosts: tuple[str, ...] | None = None  # Host header names accepted besides loopback ones; None: any
 
 
 class Prediction(BaseModel):
@@ -90,10 +98,11 @@ IMAGE_BODY = {
 }
 ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in {
     401: "missing or wrong API key (when the server has one)",
+    408: "the body did not arrive within --body-timeout-s",
     413: "body over --max-upload-bytes, or image over --max-pixels",
     415: "content type is neither multipart/form-data, image/* nor application/octet-stream",
     422: "empty body, no `file` field, not a readable image, or a parameter out of range",
-    503: "queue full; retry after the Retry-After seconds",
+    503: "too many requests in flight, decoding backed up or batch queue full; retry after Retry-After seconds",
     504: "not answered within --timeout-s",
 }.items()}
 
@@ -113,7 +122,10 @@ class Metrics:
         self.batch_size = Histogram("ecanfnet_batch_size", "Images per model batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
         self.queue_depth = Gauge("ecanfnet_queue_depth", "Images waiting for a batch", registry=self.registry)
-        self.inflight = Gauge("ecanfnet_inflight_requests", "Image requests being handled", registry=self.registry)
+        self.inflight = Gauge("ecanfnet_inflight_requests", "Image requests admitted and not yet answered",
+                              registry=self.registry)
+        self.decode_backlog = Gauge("ecanfnet_decode_backlog", "Decode jobs queued or running in the decode threads",
+                                    registry=self.registry)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -125,8 +137,8 @@ def create_app(engine: InferenceEngine, settings: ServeSettings | None = None) -
     """The FastAPI application serving engine under settings (run it with uvicorn)."""
     settings = settings or ServeSettings()
     metrics = Metrics()
-    decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers or min(8, os.cpu_count() or 1),
-                                     thread_name_prefix="ecanfnet-decode")
+    decoder = DecodeQueue(settings.decode_workers or min(8, os.cpu_count() or 1))
+    metrics.decode_backlog.set_function(lambda: decoder.backlog)
     state: dict[str, Any] = {"inflight": 0}
     max_inflight = settings.max_queue + settings.max_batch
 
@@ -139,10 +151,20 @@ def create_app(engine: InferenceEngine, settings: ServeSettings | None = None) -
         state["batcher"] = batcher
         yield
         await batcher.stop()  # uvicorn has already let in-flight requests finish
-        decode_pool.shutdown(wait=True)
+        decoder.shutdown()
 
     app = FastAPI(title="ecanfnet", version=_version(), lifespan=lifespan,
                   description=f"{engine.name} image classification and embeddings, dynamically batched.")
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def check_host(request: Request, call_next):
+        # A page on another site whose name resolves to 127.0.0.1 (DNS rebinding) sends its own name as Host.
+        host = request.headers.get("host")
+        if settings.allowed_hosts is not None and host is not None and not host_allowed(host, settings.allowed_hosts):
+            return error_response(421, f"Host header {host[:100]!r} is not a name of this server: it is bound to "
+                                       "loopback and answers only localhost, 127.x.x.x or [::1] (see --allow-host)")
+        return await call_next(request)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
@@ -170,23 +192,31 @@ def create_app(engine: InferenceEngine, settings: ServeSettings | None = None) -
                                 headers={"WWW-Authenticate": "Bearer"})
 
     async def run_image(request: Request) -> tuple[Any, int]:
-        """Admission, body, decoding and the batched forward pass of one image request."""
+        """Body (under its own timeout, before admission), admission, decoding and the batched forward pass."""
+        data, name = await read_body_in_time(request, settings.max_upload_bytes, settings.body_timeout_s)
         if state["inflight"] >= max_inflight:
             raise HTTPException(503, "server busy: too many requests in flight", headers={"Retry-After": "1"})
         state["inflight"] += 1
         metrics.inflight.inc()
         try:
-            return await asyncio.wait_for(_process(request), settings.timeout_s)
+            # The timeout cancels the work too: a decode not yet started is dropped, and so is a queued
+            # image (the batcher skips cancelled requests), so no work outlives its 504 in a queue.
+            return await asyncio.wait_for(_process(data, name), settings.timeout_s)
         except asyncio.TimeoutError:
             raise HTTPException(504, f"not answered within {settings.timeout_s:g} s") from None
         finally:
             state["inflight"] -= 1
             metrics.inflight.dec()
 
-    async def _process(request: Request) -> tuple[Any, int]:
-        data, name = await read_image_body(request, settings.max_upload_bytes)
-        loop = asyncio.get_running_loop()
-        image = await loop.run_in_executor(decode_pool, _preprocess, engine, data, name, settings.max_pixels)
+    async def _process(data: bytes, name: str) -> tuple[Any, int]:
+        # A decode that cannot start within half the timeout is refused (503, retry later) rather than
+        # queued: the other half is for the decode itself and the batch, so started work gets answered.
+        start_by = time.monotonic() + settings.timeout_s / 2
+        try:
+            image = await decoder.run(start_by, _preprocess, engine, data, name, settings.max_pixels)
+        except DecodeBusy:
+            raise HTTPException(503, "server busy: image decoding is backed up",
+                                headers={"Retry-After": "1"}) from None
         try:
             return await state["batcher"].submit(image)
         except QueueFull:
@@ -194,7 +224,10 @@ def create_app(engine: InferenceEngine, settings: ServeSettings | None = None) -
 
     @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS, openapi_extra=IMAGE_BODY,
               dependencies=[Depends(require_api_key)], summary="Top-k classes of one image")
-    async def classify(request: Request, top_k: int = Query(5, description="classes to return (1..num_classes)")):
+    async def classify(request: Request, top_k: int | None = Query(
+            None, description=f"classes to return (1..num_classes; default {DEFAULT_TOP_K} or num_classes if fewer)")):
+        if top_k is None:
+            top_k = min(DEFAULT_TOP_K, engine.num_classes)
         if not 1 <= top_k <= engine.num_classes:
             raise HTTPException(422, f"top_k must be between 1 and {engine.num_classes}, got {top_k}")
         start = time.perf_counter()
@@ -219,7 +252,7 @@ def create_app(engine: InferenceEngine, settings: ServeSettings | None = None) -
              responses={401: ERRORS[401]}, summary="What is being served")
     async def model_info():
         return ModelInfo(architecture=engine.name, num_classes=engine.num_classes, labels_count=len(engine.labels),
-                         num_features=engine.num_features, input_size=[3, engine.image_size, engine.image_size],
+                         num_features=engine.num_features, input_size=[3, *engine.image_size],
                          backend=engine.backend, precision=engine.precision, max_batch=settings.max_batch,
                          max_wait_ms=settings.max_wait_ms)
 
@@ -241,6 +274,15 @@ def create_app(engine: InferenceEngine, settings: ServeSettings | None = None) -
 
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
     return app
+
+
+async def read_body_in_time(request: Request, max_bytes: int, timeout_s: float) -> tuple[bytes, str]:
+    """read_image_body within timeout_s, else 408 (and the connection is closed: its body is still arriving)."""
+    try:
+        return await asyncio.wait_for(read_image_body(request, max_bytes), timeout_s)
+    except asyncio.TimeoutError:
+        raise HTTPException(408, f"the body did not arrive within {timeout_s:g} s (--body-timeout-s)",
+                            headers={"Connection": "close"}) from None
 
 
 async def read_image_body(request: Request, max_bytes: int) -> tuple[bytes, str]:
@@ -295,6 +337,51 @@ def _preprocess(engine: InferenceEngine, data: bytes, name: str, max_pixels: int
         raise HTTPException(422, str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - a decoder bug on hostile input is still the input's fault
         raise HTTPException(422, f"{name}: cannot decode ({type(exc).__name__}: {exc})") from None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error response, FastAPI's and Starlette's own included, is {"detail": "<one line>"}."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, "; ".join(_validation_text(e) for e in exc.errors()) or "invalid request")
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        return error_response(500, "internal server error")
+
+
+def error_response(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The JSON error body of every error: {"detail": "<one line>"}."""
+    return JSONResponse({"detail": " ".join(detail.split())}, status_code=status, headers=headers)
+
+
+def _validation_text(error: dict[str, Any]) -> str:
+    field = ".".join(str(part) for part in error.get("loc", ()) if part not in ("query", "body", "path", "header"))
+    given = error.get("input")
+    shown = f" (got {given!r:.60})" if isinstance(given, (str, int, float)) else ""
+    return f"{field or 'request'}: {error.get('msg', 'invalid')}{shown}"
+
+
+def host_allowed(host: str, extra: tuple[str, ...] = ()) -> bool:
+    """Whether a Host header (with or without port) names loopback (localhost, 127.x.x.x, [::1]) or one of extra."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1:name.find("]")] if "]" in name else name
+    elif name.count(":") == 1:
+        name = name.split(":")[0]
+    name = name.rstrip(".")
+    if name == "localhost" or name in extra:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _ms_since(start: float) -> float:

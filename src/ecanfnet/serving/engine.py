@@ -38,7 +38,7 @@ class InferenceEngine:
         self.num_features = model.num_features
         self.labels = label_names_for(model.pretrained_cfg, model.num_classes)
         self.transform = eval_transform(model.pretrained_cfg)
-        self.image_size = eval_settings(model.pretrained_cfg)["image_size"]
+        self.image_size = eval_settings(model.pretrained_cfg)["image_size"]  # (height, width)
         self.head = copy.deepcopy(model.head.fc).float().cpu().eval()
         self.runner = make_runner(embedding_model(copy.deepcopy(model)), backend, precision, device)
 

@@ -8,7 +8,8 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Dataset
 
-from ..transforms import ImageLoadError, is_image_file, load_image
+from ..files import walk_image_files
+from ..transforms import ImageLoadError, load_image
 
 
 def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
@@ -16,14 +17,20 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such folder (expected one subfolder per class)")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = sorted(p.name for p in root.iterdir()
+                     if p.is_dir() and not p.name.startswith(".") and not _links_to_ancestor(p, root))
     if not classes:
         raise ValueError(f"{root}: no class subfolders found (expected ROOT/CLASS_NAME/IMAGE files)")
-    samples = [(str(f), i) for i, c in enumerate(classes)
-               for f in sorted((root / c).rglob("*")) if f.is_file() and is_image_file(f)]
+    # walk_image_files does not enter directory symlinks below a class folder (no loops, no repeats).
+    samples = [(str(f), i) for i, c in enumerate(classes) for f in sorted(map(Path, walk_image_files(root / c)))]
     if not samples:
         raise ValueError(f"{root}: the class subfolders hold no image files")
     return classes, samples
+
+
+def _links_to_ancestor(folder: Path, root: Path) -> bool:
+    """Whether folder is a symlink to root or a folder above it (its "class" would hold every class again)."""
+    return folder.is_symlink() and root.resolve().is_relative_to(folder.resolve())
 
 
 class ImageFolderDataset(Dataset):
@@ -54,9 +61,13 @@ def collate_skipping_bad(items: list[tuple[torch.Tensor | None, int, str | None]
 
 
 def split_samples(samples: list[tuple[str, int]], fraction: float, seed: int) -> tuple[list, list]:
-    """A seeded random split into (train, val) with round(fraction * n) validation samples (at least 1)."""
+    """A seeded random split into (train, val) with round(fraction * n) validation samples (at least 1 of each)."""
+    if not 0 < fraction < 1:  # also refuses nan
+        raise ValueError(f"the validation fraction must be in (0, 1), got {fraction}")
+    if len(samples) < 2:
+        raise ValueError(f"{len(samples)} image(s) cannot be split into training and validation sets")
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, round(fraction * len(samples)))
+    n_val = min(len(samples) - 1, max(1, round(fraction * len(samples))))
     val_idx = set(order[:n_val])
     return ([s for i, s in enumerate(samples) if i not in val_idx],
             [s for i, s in enumerate(samples) if i in val_idx])

@@ -99,8 +99,11 @@ def map_class_folders(folders: list[str], pretrained_cfg: dict[str, Any], num_cl
 
 @torch.no_grad()
 def evaluate_folder(model: torch.nn.Module, data: str | Path, batch_size: int = 32, workers: int = 0,
-                    forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EvalReport:
-    """Evaluate on DATA/CLASS/IMAGE with the checkpoint's own eval preprocessing and labels."""
+                    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    progress: bool = False) -> EvalReport:
+    """Evaluate on DATA/CLASS/IMAGE with the checkpoint's own eval preprocessing and labels (progress: on stderr)."""
+    from ..progress import progress as progress_reporter
+
     folders, samples = scan_image_folder(data)
     mapping = map_class_folders(folders, model.pretrained_cfg, model.num_classes)
     samples = [(path, mapping[i]) for path, i in samples]
@@ -108,10 +111,12 @@ def evaluate_folder(model: torch.nn.Module, data: str | Path, batch_size: int = 
                         num_workers=workers, collate_fn=collate_skipping_bad)
     forward = forward or model.eval()
     tally, skipped = Tally(), []
-    for x, y, errors in loader:
-        skipped += errors
-        if x is not None:
-            tally.add(forward(x), y)
+    with progress_reporter(len(samples), "evaluate", enabled=progress) as bar:
+        for x, y, errors in loader:
+            skipped += errors
+            if x is not None:
+                tally.add(forward(x), y)
+            bar.update((len(x) if x is not None else 0) + len(errors))
     per_class = []
     for folder, idx in zip(folders, mapping):
         n, top1, top5 = tally.per_class(idx)

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..distributed import barrier, distributed_setup, say
+from ..distributed import barrier, distributed_setup, launch_rank, restart_attempt, say
 from ..fileio import write_atomically, write_csv_atomically
 from ..model import ECANFNet
+from ..progress import progress as progress_reporter
 from ..transforms import eval_transform
 from ..weights import WeightsSource, create_model, save_pretrained
 from .agc import adaptive_clip_grad_
@@ -31,6 +32,9 @@ from .data import DEFAULT_CROP_SCALE, ImageFolderDataset, collate_skipping_bad, 
 from .evaluate import Tally
 
 STATE_FILE = "training/last.pt"
+# What a run writes into OUT; finding any of them there means OUT already holds a run (see _check_output).
+OUTPUT_FILES = ("config.json", "model.safetensors", STATE_FILE, "metrics.csv")
+STATE_KEYS = ("model", "optimizer", "epoch", "best", "history")
 AUTOCAST_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 METRICS_FILE = "metrics.csv"
 
@@ -72,7 +76,8 @@ class TrainConfig:
     workers: int = 0
     seed: int = 0
     deterministic: bool = False
-    resume: bool = False
+    resume: bool = False                        # continue OUT's training state (also implied by a torchrun restart)
+    overwrite: bool = False                     # replace the model / training state already in OUT
     progress: bool = True
     history: list[dict[str, float]] = field(default_factory=list, repr=False)
 
@@ -115,7 +120,15 @@ def train(cfg: TrainConfig) -> Path:
 
 def _train(cfg: TrainConfig) -> Path:
     out = Path(cfg.output)
+    # torchrun --max-restarts starts the group again after a worker died: it carries on from the last saved epoch
+    resuming = cfg.resume or restart_attempt() > 0
+    _check_output(out, resuming, cfg.overwrite)
+    if cfg.overwrite and not resuming and launch_rank() == 0:
+        (out / STATE_FILE).unlink(missing_ok=True)  # a restart of this run must never resume the replaced one
     classes, samples = scan_image_folder(cfg.data)
+    if len(classes) < 2:
+        raise TrainingError(f"{cfg.data}: found {len(classes)} class folder ({', '.join(classes)}); a classifier "
+                            f"needs at least 2 (DATA/CLASS_NAME/IMAGE files, one subfolder per class)")
     if cfg.val:
         val_classes, val_samples = scan_image_folder(cfg.val)
         if val_classes != classes:
@@ -155,7 +168,7 @@ def _train(cfg: TrainConfig) -> Path:
     lr = cfg.lr if cfg.lr is not None else default_lr(cfg.batch_size * cfg.accum_steps * world, cfg.from_scratch)
     start_epoch, best = 0, -1.0
     state_path = out / STATE_FILE
-    if cfg.resume and state_path.is_file():
+    if resuming and state_path.is_file():
         start_epoch, best, cfg.history = _load_state(state_path, model, optimizer, ema, scaler)
         say(f"resuming {out} after epoch {start_epoch}", rank)
     net: nn.Module = model
@@ -181,7 +194,8 @@ def _train(cfg: TrainConfig) -> Path:
         if rank == 0:
             final = ema.module if ema is not None else model  # the weights that are validated and exported
             metrics = evaluate_loader(final, DataLoader(val_ds, cfg.batch_size, collate_fn=collate_skipping_bad,
-                                                        num_workers=cfg.workers), reported, device)
+                                                        num_workers=cfg.workers), reported, device,
+                                      progress=f"epoch {epoch + 1}/{cfg.epochs}: validate" if cfg.progress else None)
             row = {"epoch": epoch + 1, "train_loss": train_loss, **metrics}
             cfg.history.append(row)
             if metrics["val_top1"] > best:
@@ -194,6 +208,24 @@ def _train(cfg: TrainConfig) -> Path:
                  f"top-1 {metrics['val_top1']:.3f}, top-5 {metrics['val_top5']:.3f}", rank)
         barrier()
     return out
+
+
+def _check_output(out: Path, resuming: bool, overwrite: bool) -> None:
+    """Refuse, before any work, an OUT that is a file, cannot be created, or holds a run that would be replaced."""
+    if resuming and overwrite:
+        raise TrainingError("--resume and --overwrite contradict each other: continue OUT, or replace it")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "--output" if existing == out else f"{existing} (a parent of --output)"
+        raise TrainingError(f"{out}: {what} is an existing file, not a folder; name a folder for the model")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TrainingError(f"{out}: cannot write into {existing} (permission denied)")
+    held = [name for name in OUTPUT_FILES if (out / name).exists()]
+    if held and not resuming and not overwrite:
+        raise TrainingError(f"{out}: already holds a model or training state ({', '.join(held)}); "
+                            f"pass --resume to continue that run, or --overwrite to replace it")
 
 
 def preprocessing_as_trained(image_size: int) -> dict[str, Any]:
@@ -267,21 +299,32 @@ def _batch_mixer(cfg: TrainConfig, num_classes: int):
 def _train_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scaler, cfg: TrainConfig,
                  epoch: int, peak_lr: float, steps_per_epoch: int, reported: set[str], ema, mix,
                  device: torch.device, rank: int) -> float:
-    """One epoch; `net` is the model itself or its DistributedDataParallel wrapper."""
-    from tqdm import tqdm
-
-    model = net.module if hasattr(net, "module") else net
+    """One epoch; `net` is the model itself or its DistributedDataParallel wrapper. Returns the mean loss."""
     net.train()
+    bar = progress_reporter(len(loader), f"epoch {epoch + 1}/{cfg.epochs}", enabled=cfg.progress and rank == 0,
+                            unit="batch", leave=False)
+    with bar:
+        loss_sum, seen, _ = _train_steps(net, loader, bar, optimizer, scaler, cfg, epoch, peak_lr, steps_per_epoch,
+                                          reported, ema, mix, device)
+    if not seen:
+        raise TrainingError(f"{cfg.data}: no readable training images in epoch {epoch + 1}")
+    return loss_sum / seen
+
+
+def _train_steps(net: nn.Module, loader: DataLoader, bar, optimizer: torch.optim.Optimizer, scaler,
+                 cfg: TrainConfig, epoch: int, peak_lr: float, steps_per_epoch: int, reported: set[str], ema, mix,
+                 device: torch.device) -> tuple[float, int, float]:
+    """The batches of one epoch: (sum of per-image losses, images seen, last learning rate)."""
+    model = net.module if hasattr(net, "module") else net
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     clip_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.fc")]
     total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
     losses, seen, start = [], 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", file=sys.stderr,
-               disable=not cfg.progress or rank != 0, leave=False)
     optimizer.zero_grad(set_to_none=True)
     lr = 0.0
-    for i, (x, y, errors) in enumerate(bar):
-        _report(errors, reported)
+    for i, (x, y, errors) in enumerate(loader):
+        bar.update(1)
+        _report(errors, reported, bar)
         if x is None:
             continue
         x, y = x.to(device), y.to(device)
@@ -310,9 +353,7 @@ def _train_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Opti
         losses.append(loss.item() * len(y))
         seen += len(y)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
-    if not seen:
-        raise TrainingError(f"{cfg.data}: no readable training images in epoch {epoch + 1}")
-    return sum(losses) / seen
+    return sum(losses), seen, lr
 
 
 def _finite_everywhere(loss: torch.Tensor) -> bool:
@@ -327,23 +368,30 @@ def _finite_everywhere(loss: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def evaluate_loader(model: nn.Module, loader: DataLoader, reported: set[str],
-                    device: torch.device | None = None) -> dict[str, float]:
-    """Validation loss, top-1 and top-5 of model over a loader of collate_skipping_bad batches."""
+                    device: torch.device | None = None, progress: str | None = None) -> dict[str, float]:
+    """Validation loss, top-1 and top-5 of model over a loader of collate_skipping_bad batches.
+
+    progress: a label to report progress under on stderr (a bar on a terminal, a few lines in a log); None: silent.
+    """
     model.eval()
     tally = Tally()
-    for x, y, errors in loader:
-        _report(errors, reported)
-        if x is not None:
-            tally.add(model(x.to(device or x.device)).cpu(), y)
+    with progress_reporter(len(loader.dataset), progress or "", enabled=progress is not None, leave=False) as bar:
+        for x, y, errors in loader:
+            _report(errors, reported, bar)
+            if x is not None:
+                tally.add(model(x.to(device or x.device)).cpu(), y)
+            bar.update((len(x) if x is not None else 0) + len(errors))
     loss, top1, top5 = tally.totals()
     return {"val_loss": loss, "val_top1": top1, "val_top5": top5}
 
 
-def _report(errors: list[str], reported: set[str]) -> None:
+def _report(errors: list[str], reported: set[str], bar=None) -> None:
+    """Print each unreadable-image reason once (above the progress bar when there is one)."""
     for err in errors:
         if err not in reported:
             reported.add(err)
-            print(f"ecanfnet: skipped unreadable image: {err}", file=sys.stderr)
+            line = f"ecanfnet: skipped unreadable image: {err}"
+            bar.write(line, file=sys.stderr) if bar is not None else print(line, file=sys.stderr)
 
 
 def _seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
@@ -360,16 +408,65 @@ def _save_state(path: Path, model: ECANFNet, optimizer: torch.optim.Optimizer, e
 
 def _load_state(path: Path, model: ECANFNet, optimizer: torch.optim.Optimizer, ema,
                 scaler) -> tuple[int, float, list]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    if ema is not None:
-        if not state.get("ema"):
-            raise TrainingError(f"{path}: this run was started without --ema-decay; resume it without it too")
-        ema.load_state_dict(state["ema"])
-    return int(state["epoch"]), float(state["best"]), list(state["history"])
+    """Restore a run from its training state; TrainingError (one line naming the file) for anything unusable."""
+    state = _read_state(path)
+    _check_state_model(path, state["model"], model)
+    if ema is not None and not state.get("ema"):
+        raise TrainingError(f"{path}: this run was started without --ema-decay; resume it without it too")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        epoch, best, history = int(state["epoch"]), float(state["best"]), list(state["history"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise TrainingError(f"{path}: its optimizer / EMA state does not fit this run (other --freeze-backbone "
+                            f"or --ema-decay settings?): {_first_line(exc)}") from None
+    if epoch < 0 or not all(isinstance(row, dict) for row in history):
+        raise TrainingError(f"{path}: not an ecanfnet training state (epoch {epoch}, history of {len(history)} rows)")
+    return epoch, best, history
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """The dict in a training state file, loaded without running any pickled code (weights_only)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on odd pickle protocols would add lines to the one error
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated zip, random bytes, refused pickle: all mean "unreadable"
+        raise TrainingError(f"{path}: not a readable training state (truncated, or not written by ecanfnet "
+                            f"train): {_first_line(exc)}") from None
+    if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
+        found = sorted(map(str, state))[:5] if isinstance(state, dict) else type(state).__name__
+        raise TrainingError(f"{path}: not an ecanfnet training state (expected the keys {', '.join(STATE_KEYS)}; "
+                            f"found {found})")
+    if not isinstance(state["model"], dict) or not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        raise TrainingError(f"{path}: not an ecanfnet training state ('model' is not a dict of tensors)")
+    return state
+
+
+def _check_state_model(path: Path, saved: dict[str, torch.Tensor], model: ECANFNet) -> None:
+    """The saved weights must be this model's, with this run's number of classes."""
+    own = model.state_dict()
+    head = saved.get("head.fc.weight")
+    if head is not None and head.ndim == 2 and head.shape[0] != model.num_classes:
+        raise TrainingError(f"{path}: holds a training state for {head.shape[0]} classes, this run has "
+                            f"{model.num_classes} (class folders of --data changed?); use --overwrite to start over")
+    missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
+    if missing or unexpected:
+        raise TrainingError(f"{path}: not a training state of {model.name} ({len(missing)} of its tensors missing, "
+                            f"{len(unexpected)} unknown ones, e.g. {(missing + unexpected)[0]})")
+    for key, tensor in own.items():
+        if saved[key].shape != tensor.shape:
+            raise TrainingError(f"{path}: tensor {key} has shape {tuple(saved[key].shape)}, "
+                                f"this model's is {tuple(tensor.shape)}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
 def _plot_curves(out: Path, history: list[dict[str, float]]) -> None:

@@ -1,5 +1,6 @@
 "use strict";
-// The page: pick or drop an image, preview it, POST it to /v1/classify, show the top-5 with score bars.
+// The page: pick or drop an image, preview it, POST it to /v1/classify, show the server's default top-k
+// (5, or every class of a smaller model) with score bars. Labels come from the checkpoint: text only, never HTML.
 const $ = (id) => document.getElementById(id);
 const keyInput = $("api-key");
 keyInput.value = sessionStorage.getItem("ecanfnet-api-key") || "";
@@ -64,7 +65,7 @@ async function classify(file) {
   form.append("file", file, file.name);
   const started = performance.now();
   try {
-    const response = await fetch("/v1/classify?top_k=5", { method: "POST", body: form, headers: headers() });
+    const response = await fetch("/v1/classify", { method: "POST", body: form, headers: headers() });
     const body = await response.json();
     if (!response.ok) {
       if (response.status === 401) $("key-box").open = true;
