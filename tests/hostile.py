@@ -435,6 +435,8 @@ def hostile_training_states(folder: Path, valid: Path) -> dict[str, Path]:
     put("model_missing_tensors", lambda p: torch.save({**state, "model": dict(list(state["model"].items())[:10])}, p))
     put("model_not_tensors", lambda p: torch.save({**state, "model": {"stem.conv1.weight": [1.0, 2.0]}}, p))
     put("a_list", lambda p: torch.save([1, 2, 3], p))
+    put("model_hostile_key",
+        lambda p: torch.save({**state, "model": {**state["model"], "\x1b[2J\nevil": torch.zeros(1)}}, p))
     put("optimizer_foreign", lambda p: torch.save({**state, "optimizer": {"state": {}, "param_groups": [{}]}}, p))
     put("epoch_negative", lambda p: torch.save({**state, "epoch": -3}, p))
     return files

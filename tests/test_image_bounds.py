@@ -52,7 +52,7 @@ def test_icon_entries_are_checked_against_the_callers_limit(kind):
     payload = big_png(40, 30) if kind == "ico" else dib_icon_entry(40, 30)  # Pillow reads PNG entries in ICO only
     small = icon_file(payload, kind, claimed=(40, 30))
     assert np.asarray(load_image_bytes(small, 1200)).shape == (30, 40, 3)
-    with pytest.raises(ImageTooLarge, match=rf"icon: 40 x 30 = 1,200 pixels is over the limit of 1,199 \("):
+    with pytest.raises(ImageTooLarge, match=r"icon: 40 x 30 = 1,200 pixels is over the limit of 1,199 \("):
         load_image_bytes(small, 1199)
 
 

@@ -19,8 +19,7 @@ from hostile import (CHECKPOINT_REFUSAL_PEAK_MB, CHECKPOINT_REFUSAL_WALL_S, HOST
                      hostile_config_file, hostile_pickles, mutated_config, run_measured, write_hub_folder,
                      write_non_finite_weights)
 from ecanfnet import WeightsError, create_model, resolve_weights, save_pretrained
-from ecanfnet.metadata import INTERPOLATIONS, MAX_IMAGE_SIDE, validate_config
-from ecanfnet.transforms import eval_transform
+from ecanfnet.metadata import MAX_IMAGE_SIDE, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,12 +147,6 @@ def test_validate_config_directly():
                      "pretrained_cfg": {"crop_pct": 1.0, "test_crop_pct": 1.0}}
     with pytest.raises(WeightsError, match=r"^cfg.json: label_names has 2 entries but the classifier has 5 classes$"):
         validate_config({"label_names": ["a", "b"]}, "cfg.json", num_classes=5)
-
-
-def test_every_accepted_interpolation_is_one_the_transform_has():
-    cfg = create_model(pretrained=False).pretrained_cfg
-    for name in INTERPOLATIONS:
-        eval_transform({**cfg, "interpolation": name})
 
 
 def test_non_finite_tensors_are_refused_naming_the_first(tmp_path, nan_weights_folder):

@@ -14,6 +14,7 @@ from typing import Any
 
 from .errors import WeightsError
 from .model import CONFIGS
+from .transforms import CROP_MODES, INTERPOLATIONS
 
 MAX_CONFIG_BYTES = 16 * 2**20
 # Image sides a checkpoint may ask for (timm's pretrained configs span 96..1024).
@@ -22,9 +23,6 @@ MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 16, 2048
 MIN_CROP_PCT = 0.5
 MAX_LABEL_CHARS = 1000
 MAX_CLASSES = 1_000_000
-# What transforms.EvalTransform can resample with (PIL's filters) and timm's eval crop modes.
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
-CROP_MODES = ("center", "squash", "border")
 # Informational pretrained_cfg fields kept when they are short strings; everything else unknown is dropped.
 _INFO_STRINGS = ("tag", "license", "hf_hub_id", "url", "first_conv", "classifier")
 _PREPROCESSING = ("input_size", "test_input_size", "crop_pct", "test_crop_pct", "crop_mode",

@@ -298,6 +298,7 @@ _PIL_FILTERS = {
     "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
     "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
 }
+INTERPOLATIONS = tuple(_PIL_FILTERS)  # what a checkpoint's `interpolation` may name
 
 
 class EvalTransform:

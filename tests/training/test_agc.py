@@ -54,3 +54,30 @@ def test_units_are_rows_and_vectors_are_one_unit():
     assert torch.allclose(w.grad[1].norm(), torch.tensor(0.1 * 3 ** 0.5))
     assert w.grad[0, 0] == 0.001
     assert torch.allclose(b.grad.norm(), torch.tensor(0.1 * 2.0))  # whole vector: 0.1 * ||ones(4)||
+
+
+def test_zero_norm_weights_of_the_from_scratch_init_clip_like_timm_without_nan():
+    """From random init conv3.gain is all zeros (and biases too): every unit's bound is clip * eps, not 0."""
+    from timm.utils.agc import adaptive_clip_grad
+
+    models = [build_model("eca_nfnet_l0", num_classes=10) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    zero = [n for n, p in models[0].named_parameters() if n.startswith("stages.") and n.endswith("conv3.gain")]
+    assert zero and all(not p.detach().any() for n, p in models[0].named_parameters() if n in zero)
+    g = torch.Generator().manual_seed(0)
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        grad = torch.randn(p.shape, generator=g) * (1e-3 if "gain" in name else 1.0)
+        if name == "stem.conv1.bias":
+            grad.zero_()  # zero weight norm AND zero gradient: 0 / 0 must not appear
+        p.grad, q.grad = grad.clone(), grad.clone()
+    before = models[0].get_parameter(zero[0]).grad.clone()
+    n_clipped = adaptive_clip_grad_(models[0].parameters(), 0.015)
+    adaptive_clip_grad(models[1].parameters(), 0.015)
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.isfinite(p.grad).all(), name
+        assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-12), name
+    # each zero-gain unit is one element whose gradient is cut to clip * eps = 1.5e-5 (and keeps its sign)
+    after = models[0].get_parameter(zero[0]).grad
+    assert torch.allclose(after, before.sign() * before.abs().clamp(max=0.015 * 1e-3), rtol=1e-6, atol=0)
+    assert (before.abs() > 0.015 * 1e-3).sum() > 0.9 * before.numel()  # most of them were clipped
+    assert n_clipped >= sum(dict(models[0].named_parameters())[n].shape[0] for n in zero)

@@ -66,6 +66,9 @@ def test_a_second_run_into_the_same_output_is_refused_unless_overwrite(finished,
     # a model alone (no training state) is protected too
     (out / STATE_FILE).unlink()
     assert train_cli(data, out) == 1 and "model.safetensors" in one_error_line(capsys.readouterr().err)
+    assert train_cli(data, out, "--resume") == 1  # nothing to resume: --resume must not replace it either
+    assert "no training state" in one_error_line(capsys.readouterr().err)
+    assert (out / "model.safetensors").read_bytes() == before
     assert train_cli(data, out, "--overwrite") == 0
     assert (out / "model.safetensors").read_bytes() != before and (out / STATE_FILE).is_file()
     with pytest.raises(SystemExit) as exit_:
@@ -95,8 +98,8 @@ def hostile_states(finished, tmp_path_factory) -> dict[str, Path]:
 
 
 HOSTILE_STATES = ["truncated", "empty", "random_bytes", "other_model_state_dict", "bare_model_weights",
-                  "model_missing_tensors", "model_not_tensors", "a_list", "optimizer_foreign", "epoch_negative",
-                  "pickle:pickle_p2_object", "pickle:pickle_runs_code", "pickle:zip_runs_code",
+                  "model_missing_tensors", "model_not_tensors", "model_hostile_key", "a_list", "optimizer_foreign",
+                  "epoch_negative", "pickle:pickle_p2_object", "pickle:pickle_runs_code", "pickle:zip_runs_code",
                   "pickle:zip_class_instance", "pickle:legacy_foreign_object"]
 
 
@@ -107,7 +110,8 @@ def test_resume_from_an_unusable_training_state_is_one_line(name, hostile_states
     shutil.copyfile(hostile_states[name], out / STATE_FILE)
     assert train_cli(data, out, "--resume") == 1
     line = one_error_line(capsys.readouterr().err)
-    assert str(out / STATE_FILE) in line
+    assert str(out / STATE_FILE) in line and "weights_only" not in line  # no advice to unpickle it anyway
+    assert "\x1b" not in line  # a hostile key is quoted, not printed raw
     assert not (hostile_states[name].parent / "pwned").exists()  # no pickled code ran
 
 

@@ -26,7 +26,7 @@ from ..fileio import write_atomically, write_csv_atomically
 from ..model import ECANFNet
 from ..progress import progress as progress_reporter
 from ..transforms import eval_transform
-from ..weights import WeightsSource, create_model, save_pretrained
+from ..weights import WeightsSource, _torch_reason, create_model, save_pretrained
 from .agc import adaptive_clip_grad_
 from .data import DEFAULT_CROP_SCALE, ImageFolderDataset, collate_skipping_bad, scan_image_folder, split_samples, train_transform
 from .evaluate import Tally
@@ -120,23 +120,12 @@ def train(cfg: TrainConfig) -> Path:
 
 def _train(cfg: TrainConfig) -> Path:
     out = Path(cfg.output)
+    _check_output(out, cfg.resume, cfg.overwrite)
     # torchrun --max-restarts starts the group again after a worker died: it carries on from the last saved epoch
     resuming = cfg.resume or restart_attempt() > 0
-    _check_output(out, resuming, cfg.overwrite)
     if cfg.overwrite and not resuming and launch_rank() == 0:
         (out / STATE_FILE).unlink(missing_ok=True)  # a restart of this run must never resume the replaced one
-    classes, samples = scan_image_folder(cfg.data)
-    if len(classes) < 2:
-        raise TrainingError(f"{cfg.data}: found {len(classes)} class folder ({', '.join(classes)}); a classifier "
-                            f"needs at least 2 (DATA/CLASS_NAME/IMAGE files, one subfolder per class)")
-    if cfg.val:
-        val_classes, val_samples = scan_image_folder(cfg.val)
-        if val_classes != classes:
-            raise TrainingError(f"{cfg.val}: its class folders {val_classes} differ from {cfg.data}'s {classes}")
-        train_samples = samples
-    else:
-        train_samples, val_samples = split_samples(samples, cfg.val_split, cfg.seed)
-
+    classes, train_samples, val_samples = _read_samples(cfg)
     torch.manual_seed(cfg.seed)  # the new classifier's initialisation
     model = _initial_model(cfg, len(classes))
     model.pretrained_cfg["label_names"] = classes
@@ -210,9 +199,23 @@ def _train(cfg: TrainConfig) -> Path:
     return out
 
 
-def _check_output(out: Path, resuming: bool, overwrite: bool) -> None:
+def _read_samples(cfg: TrainConfig) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
+    """Class names and the (training, validation) samples of cfg.data (and cfg.val); at least 2 classes."""
+    classes, samples = scan_image_folder(cfg.data)
+    if len(classes) < 2:
+        raise TrainingError(f"{cfg.data}: found {len(classes)} class folder ({', '.join(classes)}); a classifier "
+                            f"needs at least 2 (DATA/CLASS_NAME/IMAGE files, one subfolder per class)")
+    if not cfg.val:
+        return (classes, *split_samples(samples, cfg.val_split, cfg.seed))
+    val_classes, val_samples = scan_image_folder(cfg.val)
+    if val_classes != classes:
+        raise TrainingError(f"{cfg.val}: its class folders {val_classes} differ from {cfg.data}'s {classes}")
+    return classes, samples, val_samples
+
+
+def _check_output(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse, before any work, an OUT that is a file, cannot be created, or holds a run that would be replaced."""
-    if resuming and overwrite:
+    if resume and overwrite:
         raise TrainingError("--resume and --overwrite contradict each other: continue OUT, or replace it")
     existing = out
     while not existing.exists() and existing != existing.parent:
@@ -223,9 +226,13 @@ def _check_output(out: Path, resuming: bool, overwrite: bool) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise TrainingError(f"{out}: cannot write into {existing} (permission denied)")
     held = [name for name in OUTPUT_FILES if (out / name).exists()]
-    if held and not resuming and not overwrite:
+    restarted = restart_attempt() > 0  # by torchrun: OUT holds this very run's last saved epoch
+    if held and not (resume or overwrite or restarted):
         raise TrainingError(f"{out}: already holds a model or training state ({', '.join(held)}); "
                             f"pass --resume to continue that run, or --overwrite to replace it")
+    if held and resume and not restarted and not (out / STATE_FILE).exists():
+        raise TrainingError(f"{out}: holds a model ({', '.join(held)}) but no training state ({STATE_FILE}) to "
+                            f"resume; pass --overwrite to replace it with a new run")
 
 
 def preprocessing_as_trained(image_size: int) -> dict[str, Any]:
@@ -423,7 +430,7 @@ def _load_state(path: Path, model: ECANFNet, optimizer: torch.optim.Optimizer, e
         epoch, best, history = int(state["epoch"]), float(state["best"]), list(state["history"])
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise TrainingError(f"{path}: its optimizer / EMA state does not fit this run (other --freeze-backbone "
-                            f"or --ema-decay settings?): {_first_line(exc)}") from None
+                            f"or --ema-decay settings?): {_torch_reason(exc)}") from None
     if epoch < 0 or not all(isinstance(row, dict) for row in history):
         raise TrainingError(f"{path}: not an ecanfnet training state (epoch {epoch}, history of {len(history)} rows)")
     return epoch, best, history
@@ -436,8 +443,8 @@ def _read_state(path: Path) -> dict[str, Any]:
             warnings.simplefilter("ignore")  # torch's notes on odd pickle protocols would add lines to the one error
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated zip, random bytes, refused pickle: all mean "unreadable"
-        raise TrainingError(f"{path}: not a readable training state (truncated, or not written by ecanfnet "
-                            f"train): {_first_line(exc)}") from None
+        raise TrainingError(f"{path}: not a readable training state (damaged, or not written by ecanfnet train; "
+                            f"nothing in it was run): {_torch_reason(exc)}") from None
     if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
         found = sorted(map(str, state))[:5] if isinstance(state, dict) else type(state).__name__
         raise TrainingError(f"{path}: not an ecanfnet training state (expected the keys {', '.join(STATE_KEYS)}; "
@@ -454,19 +461,14 @@ def _check_state_model(path: Path, saved: dict[str, torch.Tensor], model: ECANFN
     if head is not None and head.ndim == 2 and head.shape[0] != model.num_classes:
         raise TrainingError(f"{path}: holds a training state for {head.shape[0]} classes, this run has "
                             f"{model.num_classes} (class folders of --data changed?); use --overwrite to start over")
-    missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
-    if missing or unexpected:
+    missing, unexpected = sorted(own.keys() - saved.keys()), sorted(map(str, saved.keys() - own.keys()))
+    if missing or unexpected:  # repr: a hostile key may hold newlines or terminal escapes
         raise TrainingError(f"{path}: not a training state of {model.name} ({len(missing)} of its tensors missing, "
-                            f"{len(unexpected)} unknown ones, e.g. {(missing + unexpected)[0]})")
+                            f"{len(unexpected)} unknown ones, e.g. {(missing + unexpected)[0]!r})")
     for key, tensor in own.items():
         if saved[key].shape != tensor.shape:
             raise TrainingError(f"{path}: tensor {key} has shape {tuple(saved[key].shape)}, "
                                 f"this model's is {tuple(tensor.shape)}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
 def _plot_curves(out: Path, history: list[dict[str, float]]) -> None:
