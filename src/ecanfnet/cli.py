@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--weights", metavar="SRC", default=None,
                    help="weights to time (default: randomly initialised; speed does not depend on the values)")
     b.add_argument("--batch-size", type=_positive_int, default=1, metavar="N")
-    b.add_argument("--image-size", type=_positive_int, default=288, metavar="S")
+    b.add_argument("--image-size", type=_image_side, default=288, metavar="S")
     b.add_argument("--backend", nargs="+", choices=BACKEND_CHOICES[1:], default=None,
                    help="backends to time (default: all that run here)")
     b.add_argument("--precision", nargs="+", choices=PRECISION_CHOICES, default=None,
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("kind", choices=("onnx", "torchscript"))
     e.add_argument("output", metavar="OUT", help="file to write (replaced atomically)")
     e.add_argument("--weights", metavar="SRC", default=None, help="weights source (default: hf-hub:timm/eca_nfnet_l0)")
-    e.add_argument("--image-size", type=_positive_int, default=None, metavar="S",
+    e.add_argument("--image-size", type=_image_side, default=None, metavar="S",
                    help="size of the check input (default: the checkpoint's test size); the ONNX file "
                         "accepts any batch and size")
     e.set_defaults(func=run_export)
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--agc", type=_non_negative_float, default=0.015, metavar="CLIP", help="AGC factor; 0 disables it")
     t.add_argument("--drop-rate", type=_fraction_below_one, default=0.2, help="dropout before the classifier")
     t.add_argument("--drop-path-rate", type=_fraction_below_one, default=0.1, help="stochastic depth, last block")
-    t.add_argument("--image-size", type=_positive_int, default=None, metavar="S",
+    t.add_argument("--image-size", type=_image_side, default=None, metavar="S",
                    help="training and validation size (default: the starting checkpoint's, 224 for L0's weights)")
     t.add_argument("--no-randaugment", action="store_true")
     t.add_argument("--crop-scale", type=_float_in(0.0, 1.0, lo_open=True), nargs=2, default=None, metavar=("MIN", "MAX"),
@@ -258,6 +258,16 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _image_side(text: str) -> int:
+    """argparse type of --image-size: a side a checkpoint may record (metadata.MIN_IMAGE_SIDE..MAX_IMAGE_SIDE)."""
+    from .metadata import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
+
+    value = int(text) if text.isdigit() else 0
+    if not MIN_IMAGE_SIDE <= value <= MAX_IMAGE_SIDE:
+        raise argparse.ArgumentTypeError(f"must be an integer from {MIN_IMAGE_SIDE} to {MAX_IMAGE_SIDE}, got {text}")
     return value
 
 
@@ -434,8 +444,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .training.loop import TrainConfig, TrainingError, train
 
     if args.crop_scale and args.crop_scale[0] > args.crop_scale[1]:
-        print(f"ecanfnet: error: argument --crop-scale: MIN must not exceed MAX, got {args.crop_scale[0]:g} "
-              f"{args.crop_scale[1]:g}", file=sys.stderr)
+        _error(f"argument --crop-scale: MIN must not exceed MAX, got {args.crop_scale[0]:g} {args.crop_scale[1]:g}")
         return EXIT_USAGE
     cfg = TrainConfig(
         data=args.data, output=args.output, val=args.val, val_split=args.val_split, weights=args.weights,
@@ -450,10 +459,10 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         out = train(cfg)
     except (TrainingError, FileNotFoundError, ValueError) as exc:
-        print(f"ecanfnet: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return EXIT_FAILED
     if launch_rank() == 0:  # under torchrun every rank returns here; one line is enough
-        print(f"trained model in {out} (predict with: ecanfnet predict --weights {out} IMAGES)")
+        print(printable(f"trained model in {out} (predict with: ecanfnet predict --weights {out} IMAGES)"))
     return EXIT_OK
 
 
@@ -541,7 +550,7 @@ def run_serve(args: argparse.Namespace) -> int:
         from .serving.app import API_KEY_ENV, ServeSettings, create_app, host_allowed
         from .serving.protocol import header_timeout_protocol
     except ImportError as exc:
-        print(f"ecanfnet: error: serving needs {exc.name}: pip install 'ecanfnet[serve]'", file=sys.stderr)
+        _error(f"serving needs {exc.name}: pip install 'ecanfnet[serve]'")
         return EXIT_FAILED
     from .serving.engine import InferenceEngine
     from .weights import create_model
@@ -549,22 +558,22 @@ def run_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if api_key is not None and not all("!" <= c <= "~" for c in api_key):
         # Clients send headers as latin-1 or UTF-8 bytes at will: only printable ASCII compares reliably.
-        print(f"ecanfnet: error: the API key (--api-key or ${API_KEY_ENV}) must be printable ASCII without "
-              "spaces, as HTTP headers carry it", file=sys.stderr)
+        _error(f"the API key (--api-key or ${API_KEY_ENV}) must be printable ASCII without spaces, "
+               "as HTTP headers carry it")
         return EXIT_USAGE
     loopback = host_allowed(args.host)
+    device = _device(args.device)
     if not loopback and api_key is None:
         warnings.warn(f"serving on {args.host} without an API key: anyone who can reach this port can use it",
                       stacklevel=1)
     try:
         sock = _listen_socket(args.host, args.port)  # before loading the model: a busy port fails at once
     except OSError as exc:
-        print(f"ecanfnet: error: cannot listen on {args.host} port {args.port}: {exc.strerror or exc}",
-              file=sys.stderr)
+        _error(f"cannot listen on {args.host} port {args.port}: {exc.strerror or exc}")
         return EXIT_FAILED
     with sock:
         model = create_model(pretrained=args.weights if args.weights is not None else True)
-        engine = InferenceEngine(model, args.backend, args.precision, _device(args.device))
+        engine = InferenceEngine(model, args.backend, args.precision, device)
         settings = ServeSettings(
             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
             max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels, timeout_s=args.timeout_s,

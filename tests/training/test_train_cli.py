@@ -140,7 +140,7 @@ BAD_OPTIONS = [("--label-smoothing", "5"), ("--label-smoothing", "1"), ("--label
                ("--warmup-epochs", "-5"), ("--mixup", "-1"), ("--cutmix", "-0.5"), ("--weight-decay", "-1e-4"),
                ("--agc", "-0.01"), ("--drop-rate", "1"), ("--drop-path-rate", "-0.1"), ("--ema-decay", "1"),
                ("--hflip", "1.5"), ("--workers", "-1"), ("--seed", "-1"), ("--epochs", "0"),
-               ("--weight-decay", "1e400"), ("--lr", "x")]
+               ("--weight-decay", "1e400"), ("--lr", "x"), ("--image-size", "8"), ("--image-size", "100000")]
 
 
 @pytest.mark.parametrize(("flag", "value"), BAD_OPTIONS)
@@ -169,6 +169,7 @@ def test_edge_values_inside_the_ranges_are_accepted():
     args = build_parser().parse_args(
         ["train", "--data", "d", "--output", "o", "--label-smoothing", "0", "--val-split", "0.999", "--lr", "1e-9",
          "--warmup-epochs", "0", "--mixup", "0", "--agc", "0", "--drop-rate", "0.99", "--ema-decay", "0.9999",
-         "--hflip", "1", "--workers", "0", "--crop-scale", "0.08", "1"])
+         "--hflip", "1", "--workers", "0", "--crop-scale", "0.08", "1", "--image-size", "2048"])
     assert (args.label_smoothing, args.val_split, args.hflip, args.crop_scale) == (0.0, 0.999, 1.0, [0.08, 1.0])
+    assert args.image_size == 2048  # the largest side a checkpoint may record (metadata.MAX_IMAGE_SIDE)
     assert torch.isfinite(torch.tensor(args.lr))
