@@ -97,5 +97,13 @@ def lay_out_hub_cache(hf_home: Path, repo_id: str, files: dict[str, Path]) -> Pa
     return snapshot
 
 
+def one_error_line(err: str) -> str:
+    """The stderr of a refused command: exactly one `ecanfnet: error:` line and no traceback; that line."""
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and err == lines[0] + "\n" and lines[0].startswith("ecanfnet: error: "), err
+    return lines[0]
+
+
 def read_json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]

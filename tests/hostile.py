@@ -7,13 +7,7 @@ Bounds used by the tests that measure wall time and peak memory are defined next
 
 from __future__ import annotations
 
-import resource
 from pathlib import Path
-
-
-def peak_rss_mb_of_children() -> float:
-    """Peak resident memory (MB) of the largest child process waited for so far (Linux: ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 def vm_hwm_mb(pid: int) -> float:
@@ -22,6 +16,18 @@ def vm_hwm_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def reset_vm_hwm(pid: int) -> bool:
+    """Lower a process's VmHWM to its current resident size (Linux >= 4.0: clear_refs 5); False where not allowed.
+
+    A peak measured after the reset is the peak of what follows, not of what an earlier test did to the process.
+    """
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 # --- checkpoints: config.json variants and tensor payloads -------------------------------------------
@@ -227,18 +233,35 @@ IMAGE_REFUSAL_EXTRA_MB = 100.0
 IMAGE_REFUSAL_WALL_S = 30.0
 
 
-def big_png(width: int, height: int) -> bytes:
-    """A valid 8-bit RGB PNG of width x height, all black, compressed row by row (never held decoded)."""
+def rgb_png(width: int, height: int, idat: bytes) -> bytes:
+    """An 8-bit RGB PNG file declaring width x height around idat (its zlib-compressed, filtered rows), by hand:
+    it may declare any size, and hold rows packed far beyond what an encoder would write."""
     import struct
     import zlib
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    packer, row = zlib.compressobj(9), bytes(1 + 3 * width)  # filter byte 0 + black pixels
-    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def big_png(width: int, height: int, noisy: bool = False) -> bytes:
+    """A valid 8-bit RGB PNG of width x height, compressed row by row (never held decoded): all black, or (noisy)
+    one random row that every later row repeats (filter "Up", all zeros): still tiny, but a decoder must inflate
+    and unfilter every row of it."""
+    import zlib
+
+    if noisy:
+        import numpy as np
+
+        first = b"\0" + np.random.default_rng(0).integers(0, 256, 3 * width, dtype=np.uint8).tobytes()
+        row = b"\2" + bytes(3 * width)
+    else:
+        first = row = bytes(1 + 3 * width)  # filter byte 0 + black pixels
+    packer = zlib.compressobj(9)
+    idat = packer.compress(first) + b"".join(packer.compress(row) for _ in range(height - 1)) + packer.flush()
+    return rgb_png(width, height, idat)
 
 
 def icon_file(payload: bytes, kind: str = "ico", claimed: tuple[int, int] = (256, 256)) -> bytes:
@@ -337,6 +360,9 @@ def symlink_loop_tree(root: Path, loops: int = 3) -> list[Path]:
 REBINDING_HOSTS = ["evil.example", "evil.example:8000", "127.0.0.1.evil.example", "localhost.evil.example",
                    "10.0.0.1", "[::2]:80", "0x7f.1", ""]
 LOOPBACK_HOSTS = ["localhost", "LOCALHOST:1234", "localhost.", "127.0.0.1", "127.3.2.1:99", "[::1]", "[::1]:8000"]
+# Slow clients (45 of slow_clients' connections, bodies and headers) may raise a warm server's peak memory by
+# this much (measured: +6 MB).
+SLOW_CLIENTS_EXTRA_MB = 32.0
 
 
 def slow_clients(port: int, n: int, seconds: float, stage: str = "body", path: str = "/v1/classify",
@@ -399,6 +425,22 @@ def _read_answer(sock, limit: int = 65536, timeout: float = 2.0) -> bytes:
             break
         answer += chunk
     return answer
+
+
+def idle_connections(port: int, n: int) -> list:
+    """n loopback connections that send nothing: each holds one of the server's connections until closed."""
+    import socket
+
+    return [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(n)]
+
+
+def one_request(port: int, target: str = "/healthz") -> bytes:
+    """GET target on a new connection (Connection: close): the server's whole answer, head and body."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+        return _read_answer(sock, timeout=10)
 
 
 def oversized_headers(port: int, header_bytes: int) -> bytes:

@@ -279,3 +279,38 @@ def test_evaluate_writes_files_only_where_asked(capsys, tmp_path, monkeypatch):
     code, out, err = run_cli(capsys, *base, "--per-class-csv", "/proc/pc.csv")
     assert code == 1 and err.count("\n") == 1 and err.startswith("ecanfnet: error: /proc/pc.csv: ")
     assert list((tmp_path / "cwd").iterdir()) == []
+
+
+@pytest.mark.parametrize(("flag", "value", "rule"), [
+    ("--port", "0", "a TCP port between 1 and 65535"), ("--port", "+80", "a TCP port between 1 and 65535"),
+    ("--port", "9" * 5000, "a TCP port between 1 and 65535"), ("--seed", str(2 ** 32), "an integer in [0, 2**32)"),
+    ("--workers", "x", "an integer >= 0"), ("--workers", " 2", "an integer >= 0"),
+    ("--batch-size", "x", "a positive integer"), ("--batch-size", "1_0", "a positive integer"),
+    ("--image-size", "\u00b2", "an integer from 16 to 64"), ("--image-size", "65", "an integer from 16 to 64")])
+def test_integer_options_take_plain_digits_in_range(flag, value, rule, capsys, monkeypatch):
+    import ecanfnet.metadata
+
+    monkeypatch.setattr(ecanfnet.metadata, "MAX_IMAGE_SIDE", 64)  # --image-size reads the bound, not a copy
+    command = ["serve"] if flag == "--port" else ["train", "--data", "d", "--output", "o"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, flag, value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument {flag}: must be {rule}, got {value}" in err, err[-300:]
+
+
+def test_integer_options_accept_their_bounds(monkeypatch):
+    import ecanfnet.metadata
+    from ecanfnet.cli import build_parser
+
+    monkeypatch.setattr(ecanfnet.metadata, "MIN_IMAGE_SIDE", 20)
+    args = build_parser().parse_args(["train", "--data", "d", "--output", "o", "--image-size", "20", "--seed",
+                                      str(2 ** 32 - 1), "--workers", "0", "--batch-size", "1"])
+    assert (args.image_size, args.seed, args.workers, args.batch_size) == (20, 2 ** 32 - 1, 0, 1)
+    assert build_parser().parse_args(["serve", "--port", "65535"]).port == 65535
+
+
+def test_importing_the_cli_does_not_import_torch():
+    code = "import sys, ecanfnet.cli; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert done.stdout.strip() == "False", done.stderr

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import one_error_line
 from ecanfnet.cli import main
 from ecanfnet.search import EmbeddingIndex
 from ecanfnet.transforms import eval_transform, load_image
@@ -146,11 +147,6 @@ def test_search_refuses_other_weights(capsys, reference_run, collection, tmp_pat
 
 # --- hardening: foreign files beside OUT, corrupt indexes, damaged shards ---------------------------
 
-def one_error_line(err: str) -> str:
-    assert err.count("\n") == 1 and err.startswith("ecanfnet: error: ") and "Traceback" not in err, err
-    return err
-
-
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory) -> Path:
     from hostile import small_model_folder
@@ -243,7 +239,9 @@ def test_search_refuses_corrupt_indexes_in_one_line(capsys, tmp_path, small_inde
         assert code == 1 and str(index) in err, (name, err)
 
 
-def test_damaged_shards_are_embedded_again_on_resume(capsys, tmp_path, small_model, monkeypatch):
+def test_damaged_shards_are_embedded_again_on_resume(capsys, caplog, tmp_path, small_model, monkeypatch):
+    import logging
+
     import ecanfnet.embed as embed
     from hostile import write_pngs
 
@@ -265,9 +263,30 @@ def test_damaged_shards_are_embedded_again_on_resume(capsys, tmp_path, small_mod
     (parts / "shard-00002.json").write_text('{"paths": ["x"], "errors"')  # a torn record
     capsys.readouterr()
 
+    caplog.set_level(logging.INFO, "ecanfnet")
     summary = embed.embed_files(images, tmp_path / "out.npy", **kw)
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err + caplog.text  # status lines: stderr, or the "ecanfnet" logger
     assert f"{npy}: damaged or truncated" in err and f"{parts / 'shard-00002.json'}: unreadable" in err
     assert (summary.shards_embedded, summary.shards_reused, summary.count) == (2, 1, 6)
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), np.load(tmp_path / "ref.npy"))
     assert not parts.exists()
+
+
+def test_only_rank_0_reports_a_damaged_shard(capsys, caplog, tmp_path):
+    """Under torchrun each rank checks its own shards; the note that one is embedded again comes from rank 0 only."""
+    import logging
+
+    import ecanfnet.embed as embed
+
+    out = embed.EmbedOutput(tmp_path / "emb.npy")
+    plan = {"dim": 4, "shards": [["a.png"]]}
+    caplog.set_level(logging.INFO, "ecanfnet")
+    for rank in (1, 0):
+        out.parts.mkdir(exist_ok=True)
+        (out.parts / "shard-00000.json").write_text('{"paths": ["a.png"], "errors": []}')
+        np.save(out.parts / "shard-00000.npy", np.zeros((1, 3), np.float32))  # one column short
+        assert not embed._shard_done(out, 0, plan, rank)
+        assert not (out.parts / "shard-00000.npy").exists() and not (out.parts / "shard-00000.json").exists()
+        said = capsys.readouterr().err + caplog.text
+        caplog.clear()
+        assert ("holds float32 (1, 3), expected float32 (1, 4); embedding shard 0 again" in said) == (rank == 0), said

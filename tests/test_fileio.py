@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ecanfnet.console import json_line, printable
-from ecanfnet.fileio import check_output_file, write_atomically, write_csv_atomically
+from ecanfnet.fileio import check_output_dir, check_output_file, write_atomically, write_csv_atomically
 from ecanfnet.progress import PlainProgress, progress
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +101,20 @@ def test_check_output_file_fails_early_naming_the_path(tmp_path, where):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("where", ["file", "under_a_file", "proc", "under_proc"])
+def test_check_output_dir_fails_early_naming_the_path(tmp_path, where):
+    (tmp_path / "plain").write_text("x")
+    target = {"file": tmp_path / "plain", "under_a_file": tmp_path / "plain" / "model",
+              "proc": Path("/proc/model"), "under_proc": Path("/proc/no-such/model")}[where]
+    with pytest.raises(OSError) as info:
+        check_output_dir(target)
+    assert info.value.filename == str(target)
+    assert isinstance(info.value, NotADirectoryError) == (where in ("file", "under_a_file"))
+    assert list(tmp_path.iterdir()) == [tmp_path / "plain"]  # the probe left nothing behind
+    assert check_output_dir(tmp_path / "new" / "model") == tmp_path / "new" / "model"
+    assert check_output_dir(tmp_path) == tmp_path and not (tmp_path / "new").exists()
+
+
 def test_printable_escapes_every_terminal_control():
     hostile = "a\x1b]0;pwned\x07b\x1b[2J\nc\td\x7f\x9b31m\u202eE\u2028\udcff ok é 猫 \u00a0"
     safe = printable(hostile)
@@ -141,6 +155,17 @@ def test_plain_progress_prints_a_line_per_tenth(monkeypatch):
     partial.update(3)
     partial.close()  # stopped early: the end line says how far it got
     assert err.getvalue().splitlines()[-1].startswith("x: 3/10 img (30%)")
+
+
+def test_plain_progress_lines_escape_control_characters(monkeypatch):
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    with progress(2, "embed \x1b]0;pwned\x07") as bar:
+        bar.set_postfix(file="a\nb\u202e.jpg")
+        bar.update(2)
+    line = err.getvalue()
+    assert line.startswith("embed \\x1b]0;pwned\\x07: 2/2 img (100%) in "), line
+    assert line.endswith(", file=a\\x0ab\\u202e.jpg\n") and line.count("\n") == 1, line
 
 
 def test_a_failed_write_names_the_target_and_leaves_no_temp_file(tmp_path):

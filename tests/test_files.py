@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import read_json_lines
-from ecanfnet.files import expand_pattern, walk_image_files
+from ecanfnet.files import expand_pattern, unique_files, walk_image_files
 from ecanfnet.inference import find_images
 from ecanfnet.training.data import scan_image_folder
 from hostile import TREE_WALK_WALL_S, run_measured, small_model_folder, symlink_loop_tree, write_pngs
@@ -39,6 +39,20 @@ def test_training_folder_scan_skips_directory_symlinks(tmp_path):
     assert classes == ["cat", "dog", "puppy"]
     assert samples == ([(str(p), 0) for p in sorted(cats)] + [(str(p), 1) for p in sorted(dogs)]
                        + [(str(root / "puppy" / p.name), 2) for p in sorted(dogs)])
+
+
+def test_one_helper_drops_links_to_listed_files_for_folders_and_arguments(tmp_path):
+    """find_images and walk_image_files share unique_files (they had one copy each)."""
+    real = write_pngs(tmp_path, 1, names=["a.png"])[0]
+    os.link(real, tmp_path / "hard.png")
+    os.symlink("a.png", tmp_path / "sym.png")
+    os.mkfifo(tmp_path / "fifo.png")
+    paths = [str(tmp_path / n) for n in ("a.png", "hard.png", "sym.png", "fifo.png", "missing.png")]
+    seen: set[tuple[int, int]] = set()
+    assert unique_files(paths, seen) == [paths[0], paths[3], paths[4]]  # odd paths kept: each gets its error
+    assert unique_files([paths[2]], seen) == []  # seen carries over between calls
+    assert unique_files(paths, set(), regular_only=True) == [paths[0]]
+    assert walk_image_files(tmp_path) == [paths[0]]
 
 
 @pytest.mark.parametrize("pattern", ["**", "**/*.png", "*/**", "a/**/*.png", "**/b*/**", "*", "a/*", ".hidden/**"])

@@ -190,3 +190,15 @@ def test_eval_settings_give_height_and_width():
     settings = eval_settings(cfg)
     assert settings["image_size"] == (48, 80) and settings["crop_mode"] == "squash"
     assert eval_transform(cfg).image_size == (48, 80)
+
+
+def test_border_mode_keeps_a_pixel_of_an_extreme_strip():
+    """Fitting a 4 x 100000 strip inside 64 x 64 rounds its width to 0; it is kept one pixel wide and padded."""
+    from ecanfnet.transforms import EvalTransform
+
+    t = EvalTransform(64, 1.0, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), crop_mode="border")
+    out = t.resize_and_crop(Image.new("RGB", (4, 100000), (200, 10, 10)))
+    pixels = np.asarray(out)
+    strip = [x for x in range(64) if (pixels[:, x] == (200, 10, 10)).all()]
+    assert out.size == (64, 64) and strip == [31]                     # the strip itself, one pixel, centred
+    assert (np.delete(pixels, 31, axis=1) == (128, 128, 128)).all()  # the mean-colour padding around it

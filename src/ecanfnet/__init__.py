@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from importlib import import_module
 from typing import Any
 
 __version__ = "0.1.0"
+
+# The library reports through this logger and prints nothing; without a handler of the application's,
+# logging's last-resort handler would print its warnings on stderr. The CLI installs its own (cli.main).
+logging.getLogger("ecanfnet").addHandler(logging.NullHandler())
 
 # Public name -> module; resolved on first use so `ecanfnet --help` does not import torch.
 _EXPORTS = {

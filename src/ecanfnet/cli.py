@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import sys
 import warnings
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from . import __version__
 from .console import json_line, printable
@@ -139,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--data", required=True, metavar="DIR")
     v.add_argument("--weights", metavar="SRC", default=None, help="default: hf-hub:timm/eca_nfnet_l0")
     v.add_argument("--batch-size", type=_positive_int, default=32)
-    v.add_argument("--workers", type=int, default=2, help="data loading processes (default 2)")
+    v.add_argument("--workers", type=_non_negative_int, default=2, help="data loading processes (default 2)")
     v.add_argument("--per-class-csv", metavar="FILE", default=None,
                    help="also write per-class accuracy (class, index, images, top1, top5) to this CSV file")
     v.add_argument("--format", choices=("table", "json"), default="table")
@@ -205,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep-alive-s", type=_positive_int, default=5, metavar="S",
                    help="idle keep-alive connections are closed after this (default 5)")
     s.add_argument("--max-connections", type=_positive_int, default=256, metavar="N",
-                   help="open connections beyond this get 503 (default 256)")
+                   help="a request arriving while more than N connections are open, or N requests are already "
+                        "being handled, gets 503 + Retry-After: 1 and its connection is closed; connections are "
+                        "accepted, not refused (default 256)")
     s.add_argument("--max-header-bytes", type=_positive_int, default=16 * 1024, metavar="N",
                    help="a request whose line and headers are still incomplete after N bytes gets 400 "
                         "(default 16 KiB)")
@@ -254,40 +258,36 @@ def _device_name(text: str) -> str:
     return text
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _int_in(lo: int, hi: int | None = None, what: str | None = None) -> Callable[[str], int]:
+    """argparse type factory: a whole number lo..hi (no upper bound when hi is None), written in ASCII digits.
+
+    what: the rule in the error "must be <what>, got TEXT" (default "an integer from LO to HI" / ">= LO").
+    """
+    what = what or (f"an integer from {lo} to {hi}" if hi is not None else f"an integer >= {lo}")
+
+    def parse(text: str) -> int:
+        # Digits only: int() would also take "+8", " 8", "1_0" and non-ASCII digits.
+        try:
+            value = int(text) if text.isascii() and text.isdigit() else None
+        except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+            value = None
+        if value is None or value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    return parse
+
+
+_positive_int = _int_in(1, what="a positive integer")
+_non_negative_int = _int_in(0)                         # e.g. --workers, where 0 means in-process
+_seed = _int_in(0, 2 ** 32 - 1, "an integer in [0, 2**32)")  # epoch seeds are derived from it by multiplication
+_port_number = _int_in(1, 65535, "a TCP port between 1 and 65535")
 
 
 def _image_side(text: str) -> int:
     """argparse type of --image-size: a side a checkpoint may record (metadata.MIN_IMAGE_SIDE..MAX_IMAGE_SIDE)."""
-    from .metadata import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
+    from .metadata import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE  # here, not at the top: metadata imports torch
 
-    value = int(text) if text.isdigit() else 0
-    if not MIN_IMAGE_SIDE <= value <= MAX_IMAGE_SIDE:
-        raise argparse.ArgumentTypeError(f"must be an integer from {MIN_IMAGE_SIDE} to {MAX_IMAGE_SIDE}, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0 (e.g. --workers, where 0 means in-process)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
-
-
-def _seed(text: str) -> int:
-    """argparse type of --seed: an integer in [0, 2**32) (epoch seeds are derived from it by multiplication)."""
-    value = _non_negative_int(text)
-    if value >= 2 ** 32:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text}")
-    return value
+    return _int_in(MIN_IMAGE_SIDE, MAX_IMAGE_SIDE)(text)
 
 
 def _float_in(lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
@@ -314,14 +314,6 @@ _probability = _float_in(0.0, 1.0)                       # [0, 1]
 _fraction_below_one = _float_in(0.0, 1.0, hi_open=True)  # [0, 1): smoothing, dropout, EMA decay
 _non_negative_float = _float_in(0.0)                     # >= 0, finite
 _positive_float = _float_in(0.0, lo_open=True)           # > 0, finite
-
-
-def _port_number(text: str) -> int:
-    """argparse type of --port: a TCP port, 1..65535."""
-    value = int(text) if text.isdigit() else 0
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a TCP port between 1 and 65535, got {text}")
-    return value
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -635,19 +627,71 @@ def main(argv: Sequence[str] | None = None) -> int:
     # load_image enforces its own pixel limit with a per-file error; PIL's warning would only repeat it.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     warnings.formatwarning = lambda msg, category, *a, **k: f"ecanfnet: warning: {printable(msg)}\n"
+    with _console_log():
+        try:
+            return args.func(args)
+        except (WeightsError, BackendError, EmbedError) as exc:
+            _error(str(exc))
+            return EXIT_FAILED
+        except KeyboardInterrupt:
+            print("ecanfnet: interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:
+            return EXIT_OK
+        except OSError as exc:  # writing an output (disk full, read-only, a folder in the way, ...)
+            _error(_os_error_text(exc))
+            return EXIT_FAILED
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """`ecanfnet: MESSAGE`, or `ecanfnet: warning: MESSAGE` from WARNING up; control characters escaped."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
+        return printable(f"ecanfnet: {level}{record.getMessage()}")  # messages carry file names
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Log lines on sys.stderr as it is at each record (tests and redirect_stderr replace it), above a live bar."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(_ConsoleFormatter())
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the current sys.stderr is used instead
+        pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)
+        if tqdm is None:  # no progress bar can be on screen
+            super().emit(record)
+            return
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)  # clears the bars, writes, redraws them
+        except Exception:  # noqa: BLE001 - logging's own policy for a failing handler
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _console_log() -> Iterator[None]:
+    """While main() runs: the library's "ecanfnet" log records (INFO and up) as lines on stderr, by one handler."""
+    logger = logging.getLogger("ecanfnet")
+    if any(isinstance(h, _StderrHandler) for h in logger.handlers):  # main() called from within main()
+        yield
+        return
+    handler, level = _StderrHandler(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
-        return args.func(args)
-    except (WeightsError, BackendError, EmbedError) as exc:
-        _error(str(exc))
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("ecanfnet: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return EXIT_OK
-    except OSError as exc:  # writing an output (disk full, read-only, a folder in the way, ...)
-        _error(_os_error_text(exc))
-        return EXIT_FAILED
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _error(message: str) -> None:

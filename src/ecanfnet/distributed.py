@@ -6,16 +6,23 @@ restarted worker group, and torch's `env://` rendezvous adds no per-attempt pref
 keys a failed attempt wrote (gloo's listening addresses of each rank, barrier counters) are still in
 the store when the next group starts, so a restarted rank that is quicker than its peer reads the
 peer's dead address and fails with "Gloo connectFullMesh failed ... Connection refused", or connects
-to the wrong one and waits forever. `distributed_setup` therefore scopes its keys to the attempt.
+to the wrong one and waits forever. `distributed_setup` therefore scopes its keys to the attempt (and
+to the group: a process that leaves a group and joins another must not read the first one's keys).
+
+The group is left explicitly where the work ends (`leave_process_group`): destroying it in an atexit
+hook, during interpreter shutdown, can hang with NCCL when a peer has died.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
-import sys
 
 import torch
+
+log = logging.getLogger("ecanfnet")
+_groups_joined = 0  # process groups this process has joined so far: part of each one's store key prefix
 
 
 def launch_rank() -> int:
@@ -30,6 +37,7 @@ def restart_attempt() -> int:
 
 def distributed_setup() -> tuple[int, int, torch.device]:
     """(rank, world size, device) of this process; joins the process group (NCCL on CUDA, else gloo) under torchrun."""
+    global _groups_joined
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = launch_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -43,14 +51,16 @@ def distributed_setup() -> tuple[int, int, torch.device]:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo", store=_attempt_store(rank, world), rank=rank,
                                     world_size=world)
-            atexit.register(_leave_process_group)
+            _groups_joined += 1
+            if _groups_joined == 1:  # a fallback only: the callers leave the group where their work ends
+                atexit.register(leave_process_group)
     return rank, world, device
 
 
 def attempt_key_prefix(world: int) -> str:
-    """Store key prefix unique to this torchrun launch, restart attempt and world size ('' parts outside torchrun)."""
+    """Store key prefix unique to this torchrun launch, restart attempt, world size and the process's next group."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    return f"ecanfnet/run-{run_id}/attempt-{restart_attempt()}/world-{world}/"
+    return f"ecanfnet/run-{run_id}/attempt-{restart_attempt()}/world-{world}/group-{_groups_joined}/"
 
 
 def _attempt_store(rank: int, world: int):
@@ -62,8 +72,8 @@ def _attempt_store(rank: int, world: int):
     return dist.PrefixStore(attempt_key_prefix(world), store)
 
 
-def _leave_process_group() -> None:
-    """Destroy the group joined by distributed_setup at interpreter exit (sockets closed, no NCCL leak warning)."""
+def leave_process_group() -> None:
+    """Destroy the group joined by distributed_setup, if any (sockets closed, no NCCL leak warning)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -82,6 +92,6 @@ def barrier() -> None:
 
 
 def say(message: str, rank: int = 0) -> None:
-    """Print an `ecanfnet: ...` status line on stderr, from rank 0 only."""
+    """Log a status line (INFO on the "ecanfnet" logger), from rank 0 only."""
     if rank == 0:
-        print(f"ecanfnet: {message}", file=sys.stderr)
+        log.info(message)

@@ -28,7 +28,7 @@ import torch
 
 from .backends import make_runner, weights_fingerprint
 from .console import printable
-from .distributed import barrier, distributed_setup, say
+from .distributed import barrier, distributed_setup, leave_process_group, say
 from .errors import EmbedError
 from .fileio import check_output_file, write_atomically, write_json_atomically
 from .inference import decoded_batches
@@ -120,10 +120,33 @@ def manifest_problem_of(data: Any) -> str | None:
         return "'plan.weights' is not a string"
     if data["count"] < 0 or data["dim"] < 1 or data["dim"] != plan["dim"]:
         return f"'count' {data['count']} / 'dim' {data['dim']} are not valid"
-    if not all(isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("error"), str)
-               for e in data["errors"]):
+    if not _is_error_list(data["errors"]):
         return "'errors' is not a list of {path, error} objects"
     return None
+
+
+def _is_error_list(value: Any) -> bool:
+    """Whether value is a list of {"path": str, "error": str} objects (the unreadable files a run reports)."""
+    return isinstance(value, list) and all(
+        isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("error"), str) for e in value)
+
+
+def load_vectors(path: Path, dim: int, rows: int | None = None, unreadable: str = "damaged or truncated",
+                 ) -> np.ndarray:
+    """The memory-mapped float32 (rows, dim) matrix in path (any row count when rows is None); never unpickles.
+
+    Anything else raises EmbedError naming path: "PATH: <unreadable> (why)" when it is not a readable .npy,
+    "PATH: holds DTYPE SHAPE, expected float32 (ROWS, DIM)" when it holds another array.
+    """
+    try:
+        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise EmbedError(f"{path}: {unreadable} ({exc})") from None
+    if not (isinstance(vectors, np.ndarray) and vectors.dtype == np.float32 and vectors.ndim == 2
+            and vectors.shape[1] == dim and rows in (None, vectors.shape[0])):
+        raise EmbedError(f"{path}: holds {getattr(vectors, 'dtype', 'no')} {getattr(vectors, 'shape', 'array')}, "
+                         f"expected float32 ({'N' if rows is None else rows}, {dim})")
+    return vectors
 
 
 @dataclass
@@ -166,6 +189,7 @@ def embed_files(paths: list[str], output: str | Path, weights: WeightsSource | b
     manifest = _finished_manifest(out, plan)
     if manifest is not None:
         say(f"{printable(out.vectors)} is complete for these files and weights; nothing to do", rank)
+        leave_process_group()
         return EmbedSummary(out.vectors, manifest["count"], manifest["dim"], manifest["errors"], rank=rank)
 
     if rank == 0:
@@ -177,7 +201,7 @@ def embed_files(paths: list[str], output: str | Path, weights: WeightsSource | b
     runner = make_runner(net, backend, precision, device)
     transform = eval_transform(net.pretrained_cfg)
     mine = list(range(rank, len(plan["shards"]), world))
-    todo = [i for i in mine if not _shard_done(out, i, plan)]
+    todo = [i for i in mine if not _shard_done(out, i, plan, rank)]
     if len(todo) < len(mine):
         say(f"resuming {printable(out.parts)}: {len(mine) - len(todo)} of {len(mine)} shards already done", rank)
     bar = _progress(sum(len(plan["shards"][i]) for i in todo), progress and rank == 0)
@@ -192,6 +216,7 @@ def embed_files(paths: list[str], output: str | Path, weights: WeightsSource | b
     if rank == 0:
         summary.count, summary.errors = _merge(out, plan)
     barrier()
+    leave_process_group()  # here, not at interpreter exit (see distributed.py)
     return summary
 
 
@@ -267,7 +292,7 @@ def _shard_file(out: EmbedOutput, i: int, suffix: str) -> Path:
     return out.parts / f"shard-{i:05d}{suffix}"
 
 
-def _shard_done(out: EmbedOutput, i: int, plan: dict[str, Any]) -> bool:
+def _shard_done(out: EmbedOutput, i: int, plan: dict[str, Any], rank: int) -> bool:
     """Whether shard i is finished and intact; a damaged one is deleted (with a note) so that it is embedded again."""
     # The .json is written after the .npy, so without it the shard was never finished.
     if not _shard_file(out, i, ".json").is_file():
@@ -275,7 +300,7 @@ def _shard_done(out: EmbedOutput, i: int, plan: dict[str, Any]) -> bool:
     problem = _shard_problem(out, i, plan)
     if problem is None:
         return True
-    say(f"{printable(problem)}; embedding shard {i} again")
+    say(f"{printable(problem)}; embedding shard {i} again", rank)
     _shard_file(out, i, ".json").unlink(missing_ok=True)
     _shard_file(out, i, ".npy").unlink(missing_ok=True)
     return False
@@ -288,21 +313,15 @@ def _shard_problem(out: EmbedOutput, i: int, plan: dict[str, Any]) -> str | None
     if isinstance(record, Exception):
         return f"{record_file}: unreadable ({record})"
     if not (isinstance(record, dict) and isinstance(record.get("paths"), list)
-            and isinstance(record.get("errors"), list) and all(isinstance(p, str) for p in record["paths"])
-            and all(isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("error"), str)
-                    for e in record["errors"])):
+            and all(isinstance(p, str) for p in record["paths"]) and _is_error_list(record.get("errors"))):
         return f"{record_file}: not a shard record"
     done = record["paths"] + [e["path"] for e in record["errors"]]
     if Counter(done) != Counter(plan["shards"][i]):
         return f"{record_file}: lists other files than shard {i} of the plan"
     try:
-        vectors = np.load(vectors_file, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        return f"{vectors_file}: damaged or truncated ({exc})"
-    if not isinstance(vectors, np.ndarray) or vectors.dtype != np.float32 \
-            or vectors.shape != (len(record["paths"]), plan["dim"]):
-        return (f"{vectors_file}: holds {getattr(vectors, 'dtype', 'no')} {getattr(vectors, 'shape', 'array')}, "
-                f"expected float32 ({len(record['paths'])}, {plan['dim']})")
+        load_vectors(vectors_file, plan["dim"], rows=len(record["paths"]))
+    except EmbedError as exc:
+        return str(exc)
     return None
 
 

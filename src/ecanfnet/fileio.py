@@ -89,18 +89,40 @@ def check_output_file(target: str | os.PathLike) -> Path:
     target = Path(target)
     if target.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a folder; give a file name", str(target))
-    parent = target.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = _nearest_existing(target.parent)
     if not parent.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, f"{parent} is not a folder", str(target))
+    _probe_new_file(parent, target)
+    return target
+
+
+def check_output_dir(target: str | os.PathLike) -> Path:
+    """Fail early (OSError naming target) when files cannot be written into a folder at target: a file there
+    or where a parent folder should be, or a nearest existing folder that refuses new files."""
+    target = Path(target)
+    existing = _nearest_existing(target)
+    if not existing.is_dir():
+        where = "" if existing == target else f"{existing}, a parent of it, "
+        raise NotADirectoryError(errno.ENOTDIR, f"{where}is an existing file, not a folder", str(target))
+    _probe_new_file(existing, target)
+    return target
+
+
+def _nearest_existing(path: Path) -> Path:
+    """path itself if it exists, else its nearest existing parent (what creating path would write into)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _probe_new_file(folder: Path, target: Path) -> None:
+    """Create and remove a file in folder; OSError naming target when that fails."""
     try:  # a real probe: permission bits say nothing to root, and /proc or a read-only mount refuse anyway
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=".ecanfnet-probe-")
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".ecanfnet-probe-")
     except OSError as exc:
-        raise OSError(exc.errno, f"cannot create files in {parent} ({exc.strerror})", str(target)) from None
+        raise OSError(exc.errno, f"cannot create files in {folder} ({exc.strerror})", str(target)) from None
     os.close(fd)
     os.unlink(probe)
-    return target
 
 
 def write_csv_atomically(target: str | os.PathLike, rows: Iterable[Mapping[str, Any]],

@@ -11,7 +11,7 @@ import glob
 import os
 import stat
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from .transforms import is_image_file
 
@@ -23,7 +23,7 @@ def walk_image_files(root: str | os.PathLike) -> list[str]:
         subdirs, files = _scan(stack.pop(), hidden=True)
         found += [f for f in files if is_image_file(Path(f))]
         stack += subdirs
-    return _unique_regular_files(found)
+    return unique_files(sorted(found), set(), regular_only=True)
 
 
 def expand_pattern(pattern: str) -> list[str]:
@@ -75,16 +75,23 @@ def _scan(folder: str, hidden: bool) -> tuple[list[str], list[str]]:
     return subdirs, others
 
 
-def _unique_regular_files(paths: list[str]) -> list[str]:
-    """The regular files among paths, sorted; a later path to a file already listed (symlink, hard link) is dropped."""
-    seen: set[tuple[int, int]] = set()
-    unique = []
-    for path in sorted(paths):
+def unique_files(paths: Iterable[str], seen: set[tuple[int, int]], regular_only: bool = False) -> list[str]:
+    """paths in order, less those reaching a file already listed or in seen (by device and inode); updates seen.
+
+    A symlink or hard link to a listed file is dropped. Paths that cannot be stat'ed and non-regular files are
+    kept (each gets its own error later) unless regular_only, which drops them (dangling links, FIFOs, devices).
+    """
+    kept = []
+    for path in paths:
         try:
             info = os.stat(path)
         except OSError:
-            continue  # a dangling symlink
-        if stat.S_ISREG(info.st_mode) and (info.st_dev, info.st_ino) not in seen:
+            if not regular_only:
+                kept.append(path)
+            continue
+        if regular_only and not stat.S_ISREG(info.st_mode):
+            continue
+        if (info.st_dev, info.st_ino) not in seen:
             seen.add((info.st_dev, info.st_ino))
-            unique.append(path)
-    return unique
+            kept.append(path)
+    return kept

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from .backends import make_runner
-from .files import expand_pattern, walk_image_files
+from .files import expand_pattern, unique_files, walk_image_files
 from .labels import label_names_for
 from .model import ECANFNet
 from .transforms import MAX_IMAGE_PIXELS, ImageLoadError, eval_transform, load_image, oriented_rgb
@@ -77,21 +77,8 @@ def find_images(args: Iterable[str]) -> tuple[list[str], list[ImageResult]]:
         else:
             problems.append(ImageResult(arg, error=f"{arg}: no such file or folder"))
             matches = []
-        found.update(dict.fromkeys(m for m in matches if _first_visit(m, seen)))
+        found.update(dict.fromkeys(unique_files(matches, seen)))
     return list(found), problems
-
-
-def _first_visit(path: str, seen: set[tuple[int, int]]) -> bool:
-    """False when path is a file already in seen (by device and inode); records it otherwise."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return True
-    key = (info.st_dev, info.st_ino)
-    if key in seen:
-        return False
-    seen.add(key)
-    return True
 
 
 def _prefetch(items: list[str], fn: Callable[[str], Any], workers: int, window: int) -> Iterator[tuple[str, Future]]:

@@ -17,8 +17,9 @@ from .model import CONFIGS
 from .transforms import CROP_MODES, INTERPOLATIONS
 
 MAX_CONFIG_BYTES = 16 * 2**20
-# Image sides a checkpoint may ask for (timm's pretrained configs span 96..1024).
-MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 16, 2048
+# Image sides a checkpoint may ask for (timm's pretrained configs span 96..1024). With MIN_CROP_PCT and
+# transforms.MAX_RESIZE_AREA_FACTOR this bounds the resize before the crop to 64 MiB an image.
+MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 16, 1024
 # Lower bound so the resize before the crop (side / crop_pct) stays within 2 * MAX_IMAGE_SIDE.
 MIN_CROP_PCT = 0.5
 MAX_LABEL_CHARS = 1000

@@ -10,6 +10,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from .console import printable
+
 PLAIN_STEPS = 10  # off a terminal: a line at every 10 % (and one at the end)
 
 
@@ -82,7 +84,8 @@ class PlainProgress:
         pct = f" ({100 * self.n // self.total}%)" if self.total else ""
         rate = f", {self.n / elapsed:.1f} {self.unit}/s" if elapsed >= 0.1 else ""
         postfix = f", {self._postfix}" if self._postfix else ""
-        sys.stderr.write(f"{self.desc + ': ' if self.desc else ''}{done}{pct} in {elapsed:.0f}s{rate}{postfix}\n")
+        line = f"{self.desc + ': ' if self.desc else ''}{done}{pct} in {elapsed:.0f}s{rate}{postfix}"
+        sys.stderr.write(printable(line) + "\n")  # desc and postfix may hold file or class names
         sys.stderr.flush()
 
     def __enter__(self) -> "PlainProgress":

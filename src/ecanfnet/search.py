@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .embed import EmbedOutput, embed_paths, embedding_model, manifest_problem_of, read_json_or_error
+from .embed import EmbedOutput, embed_paths, embedding_model, load_vectors, manifest_problem_of, read_json_or_error
 from .errors import EmbedError
 from .fileio import write_atomically
 from .weights import WeightsSource
@@ -51,7 +51,10 @@ class EmbeddingIndex:
         problem = manifest_problem_of(manifest)
         if problem is not None:
             raise EmbedError(f"{files.manifest}: not an `ecanfnet embed` manifest ({problem}); re-run `ecanfnet embed`")
-        vectors = _load_vectors(files.vectors, manifest["dim"])
+        try:
+            vectors = load_vectors(files.vectors, manifest["dim"], unreadable="not a readable .npy matrix")
+        except EmbedError as exc:
+            raise EmbedError(f"{exc}; re-run `ecanfnet embed`") from None
         paths = files.paths.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
         if len(vectors) != len(paths):
             raise EmbedError(f"{files.vectors}: {vectors.shape} vectors do not match the {len(paths)} paths "
@@ -149,19 +152,6 @@ def embed_queries(index: EmbeddingIndex, images: list[str], weights: WeightsSour
     vectors, good, errors = embed_paths(images, runner, eval_transform(model.pretrained_cfg), model.num_features,
                                         normalize=True)
     return vectors, good, errors
-
-
-def _load_vectors(path: Path, dim: int) -> np.ndarray:
-    """The memory-mapped (N, dim) float32 matrix in path; EmbedError naming it for anything else (never unpickles)."""
-    try:
-        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise EmbedError(f"{path}: not a readable .npy matrix ({exc}); re-run `ecanfnet embed`") from None
-    if not isinstance(vectors, np.ndarray) or vectors.dtype != np.float32 or vectors.ndim != 2 \
-            or vectors.shape[1] != dim:
-        raise EmbedError(f"{path}: holds {getattr(vectors, 'dtype', '?')} {getattr(vectors, 'shape', '?')}, "
-                         f"expected float32 (N, {dim}) as `ecanfnet embed` writes; re-run `ecanfnet embed`")
-    return vectors
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -19,11 +20,12 @@ from PIL import Image, ImageMode, UnidentifiedImageError
 # Refuse images over this many pixels before decoding them (PIL's own default bomb threshold,
 # about 9,459 x 9,459).
 MAX_IMAGE_PIXELS = 89_478_485
-# The same limit in bytes: a decoded image may take at most as much memory as an 8-bit RGBA image
-# of MAX_IMAGE_PIXELS pixels. Every PIL mode today stores <= 4 bytes a pixel, so the pixel count is
-# what binds; the rescaling of high bit depths works in row chunks, so one decode peaks at about
-# 9 bytes x pixels (source <= 4, 8-bit copy 1, RGB 4): ~800 MB at the default limit.
-MAX_BYTES_PER_PIXEL = 4
+# Decoded bytes are counted too: an image may decode to at most as many bytes as an 8-bit RGB image
+# at the pixel limit (this many bytes x max_pixels), so 4-byte modes (RGBA, CMYK, I, F) get 3/4 of the
+# pixel allowance and 1- or 2-byte modes (L, P, LA, I;16) the pixel limit. High bit depths are rescaled
+# in row chunks, so such a decode peaks at about 7 bytes x max_pixels (I;16: source 2, 8-bit copy 1,
+# RGB 4): ~600 MB at the default limit.
+BYTES_PER_PIXEL_BUDGET = 3
 
 # What Image.open may identify a file as. Formats outside this list are never opened: several
 # (ICNS, BLP, EPS via Ghostscript, FPX, MIC...) decode nested images or run programs while opening,
@@ -120,14 +122,13 @@ def _too_many_pixels(name: str, width: int, height: int, limit: int) -> str:
 
 
 def _check_size(name: str, width: int, height: int, mode: str, max_pixels: int) -> None:
-    """Refuse before decoding: over max_pixels pixels, or over MAX_BYTES_PER_PIXEL * max_pixels bytes decoded."""
+    """Refuse before decoding: over max_pixels pixels, or over BYTES_PER_PIXEL_BUDGET * max_pixels bytes decoded."""
     if width * height > max_pixels:
         raise ImageTooLarge(_too_many_pixels(name, width, height, max_pixels))
     decoded = width * height * _bytes_per_pixel(mode)
-    if decoded > MAX_BYTES_PER_PIXEL * max_pixels:
-        raise ImageTooLarge(f"{name}: {width} x {height} {mode} decodes to {decoded:,} bytes, over the limit of "
-                            f"{MAX_BYTES_PER_PIXEL * max_pixels:,} ({MAX_BYTES_PER_PIXEL} bytes x the limit of "
-                            f"{max_pixels:,} pixels){_RAISE_HINT}")
+    if decoded > BYTES_PER_PIXEL_BUDGET * max_pixels:
+        raise ImageTooLarge(f"{name}: {width} x {height} {mode} = {decoded:,} bytes decoded is over the budget of "
+                            f"{BYTES_PER_PIXEL_BUDGET} bytes x the limit of {max_pixels:,} pixels{_RAISE_HINT}")
 
 
 def _bytes_per_pixel(mode: str) -> int:
@@ -143,11 +144,14 @@ _pillow_limit_lock = threading.Lock()
 
 
 def _let_pillow_open_up_to(max_pixels: int) -> None:
-    """Keep Pillow's own (process-wide) bomb guard from refusing what max_pixels allows.
+    """Keep Pillow's own bomb guard from refusing what max_pixels allows.
 
     Pillow raises DecompressionBombError above 2 * Image.MAX_IMAGE_PIXELS. Our limit is enforced by
     _check_size for every format we open and by _check_icon_entries for the containers that decode at
-    open, so Pillow's global is only ever raised (never lowered: other threads may use a larger limit).
+    open, so Pillow's global is only ever raised, under a lock, and never restored or lowered: other
+    threads may be decoding under a larger limit. Side effect: Image.MAX_IMAGE_PIXELS is process-wide, so
+    after a call with a large max_pixels, other code in the process that opens images with Pillow directly
+    gets Pillow's guard at that raised value (about max_pixels / 2).
     """
     with _pillow_limit_lock:
         if Image.MAX_IMAGE_PIXELS is not None and 2 * Image.MAX_IMAGE_PIXELS < max_pixels:
@@ -271,9 +275,14 @@ def _scale_top(img: Image.Image) -> float:
 
 
 CROP_MODES = ("center", "squash", "border")
-# The resized image before the crop may be at most this many times the (H, W)/crop_pct area; beyond it
-# (extreme aspect ratios) only the kept region is resampled, so memory stays bounded.
-MAX_RESIZE_AREA_FACTOR = 16
+# The resized image before the crop may be at most this many times the square of the longer side of
+# (H, W)/crop_pct; beyond it (aspect ratios over ~4:1) only the kept region is resampled, so memory
+# stays bounded. The square, not the area, so a portrait photo for a landscape (H, W) stays on the
+# timm-exact path; 4, not 2, so 21:9 and 32:9 frames do too (the crop-only path can be one level off).
+# Worst case, with the largest side and smallest crop_pct a checkpoint may give (metadata.py:
+# 1024 / 0.5 = 2048): 4 x 2048 x 2048 = 16,777,216 pixels, 64 MiB as Pillow holds RGB (4 bytes a
+# pixel), per image being preprocessed, on top of the decoded image itself.
+MAX_RESIZE_AREA_FACTOR = 4
 
 
 def eval_settings(pretrained_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -329,24 +338,47 @@ class EvalTransform:
     def resize_and_crop(self, img: Image.Image) -> Image.Image:
         """The geometric part: the crop mode's resize, then the centered (H, W) crop (padded where smaller)."""
         size = self._resized_size(*img.size)
-        if size[0] * size[1] > MAX_RESIZE_AREA_FACTOR * self.scale_size[0] * self.scale_size[1]:
+        if size[0] * size[1] > MAX_RESIZE_AREA_FACTOR * max(self.scale_size) ** 2:
             return self._resize_only_the_crop(img, size)
         if size != img.size:
             img = img.resize(size, self.filter)
         return _center_crop_or_pad(img, self.image_size, self.fill)
 
     def _resize_only_the_crop(self, img: Image.Image, size: tuple[int, int]) -> Image.Image:
-        """Resample just the source region that the center crop keeps (same filter scale as the full resize).
+        """Resample just the part of the image that the center crop keeps, without the full intermediate.
 
-        A 10000 x 2 strip would otherwise be resized to 288 x 1,440,000 pixels before the crop; this way the
-        memory is that of the crop whatever the aspect ratio. Only "center" mode gets here (the other modes
-        never resize past scale_size), so the crop lies inside the resized image.
+        A 10000 x 2 strip would otherwise be resized to 288 x 1,440,000 pixels before the crop. The two
+        passes of Pillow's resize are run one at a time in the order Pillow's own resize runs them: the
+        short axis in full (then cropped, so exactly as the full resize), the long axis only over the
+        kept span (a `box`, whose float32 bounds can move a few pixels by one level). Only "center" mode
+        gets here (the other modes never resize past scale_size), so the crop lies inside the resized image.
         """
         (out_h, out_w), (new_w, new_h) = self.image_size, size
-        left, top = _crop_offset(new_w, out_w), _crop_offset(new_h, out_h)
-        sx, sy = img.width / new_w, img.height / new_h
-        box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
-        return img.resize((out_w, out_h), self.filter, box=box)
+        spans = [(img.width, new_w, _crop_offset(new_w, out_w), out_w),
+                 (img.height, new_h, _crop_offset(new_h, out_h), out_h)]  # (source, resized, start, kept) per axis
+        long = 0 if new_w * out_h >= new_h * out_w else 1
+        order = (1, 0) if _pillow_runs_vertical_first(img.size, size) else (0, 1)
+        img, box = self._source_window(img, long, *spans[long])
+        for axis in order:
+            img = (self._resample_span(img, axis, box, spans[axis][3]) if axis == long
+                   else _resample_all_then_crop(img, axis, *spans[axis][1:], self.filter))
+        return img
+
+    def _source_window(self, img: Image.Image, axis: int, source: int, resized: int, start: int,
+                       kept: int) -> tuple[Image.Image, tuple[float, float]]:
+        """The source lines the kept span of the resize along axis reads, and the span's bounds within them."""
+        scale = source / resized
+        low, high = start * scale, (start + kept) * scale
+        reach = _FILTER_SUPPORT[self.filter] * max(scale, 1.0) + 1  # Pillow's taps lie within support + 0.5
+        first, last = max(0, math.floor(low - reach)), min(source, math.ceil(high + reach))
+        window = (first, 0, last, img.height) if axis == 0 else (0, first, img.width, last)
+        return img.crop(window), (low - first, high - first)
+
+    def _resample_span(self, img: Image.Image, axis: int, box: tuple[float, float], kept: int) -> Image.Image:
+        """One Pillow pass along axis producing only the kept samples (box bounds in img's coordinates)."""
+        if axis == 0:
+            return img.resize((kept, img.height), self.filter, box=(box[0], 0, box[1], img.height))
+        return img.resize((img.width, kept), self.filter, box=(0, box[0], img.width, box[1]))
 
     def _resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) after the crop mode's resize."""
@@ -359,12 +391,45 @@ class EvalTransform:
             return (scale_h, new_long) if width <= height else (new_long, scale_h)
         ratio_h, ratio_w = height / scale_h, width / scale_w  # timm's ResizeKeepRatio
         ratio = max(ratio_h, ratio_w) if self.crop_mode == "border" else min(ratio_h, ratio_w)
-        return round(width / ratio), round(height / ratio)
+        # at least one pixel: in border mode a 4 x 100000 strip would round to width 0 (timm fails there)
+        return max(1, round(width / ratio)), max(1, round(height / ratio))
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         pixels = torch.from_numpy(np.asarray(self.resize_and_crop(img), dtype=np.uint8).copy())
         x = pixels.permute(2, 0, 1).to(torch.float32).div(255)
         return x.sub_(self.mean).div_(self.std)
+
+
+def _resample_all_then_crop(img: Image.Image, axis: int, resized: int, start: int, kept: int,
+                            resample: Image.Resampling) -> Image.Image:
+    """One full Pillow pass along axis (as the full resize runs it), then the kept span of it."""
+    if axis == 0:
+        return img.resize((resized, img.height), resample).crop((start, 0, start + kept, img.height))
+    return img.resize((img.width, resized), resample).crop((0, start, img.width, start + kept))
+
+
+# Half-widths of Pillow's filters (Resample.c) in source pixels at scale 1.
+_FILTER_SUPPORT = {Image.Resampling.NEAREST: 0.5, Image.Resampling.BOX: 0.5, Image.Resampling.BILINEAR: 1.0,
+                   Image.Resampling.HAMMING: 1.0, Image.Resampling.BICUBIC: 2.0, Image.Resampling.LANCZOS: 3.0}
+
+
+@functools.cache
+def _pillow_orders_passes() -> bool:
+    """Whether this Pillow runs the vertical pass first when the height shrinks more than twice the width does.
+
+    Newer Pillow does (Resample.c: ImagingResampleInner), older always runs the horizontal pass first; the
+    two orders round differently, so the pass-by-pass resize must follow the one in use. Found by a probe.
+    """
+    probe = Image.frombytes("L", (3, 12), bytes((i * 97) % 256 for i in range(36)))
+    both = probe.resize((2, 4), Image.Resampling.BICUBIC)
+    vertical_first = probe.resize((3, 4), Image.Resampling.BICUBIC).resize((2, 4), Image.Resampling.BICUBIC)
+    return both.tobytes() == vertical_first.tobytes()
+
+
+def _pillow_runs_vertical_first(source: tuple[int, int], size: tuple[int, int]) -> bool:
+    """Whether Pillow's resize from source to size (width, height) runs its vertical pass first."""
+    shrink_w, shrink_h = source[0] - size[0], source[1] - size[1]
+    return _pillow_orders_passes() and shrink_h > 0 and shrink_h > 2 * shrink_w
 
 
 def _center_crop_or_pad(img: Image.Image, out_hw: tuple[int, int], fill: tuple[int, ...]) -> Image.Image:

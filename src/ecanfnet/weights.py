@@ -122,7 +122,7 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from exc
     elif path.suffix in PICKLE_SUFFIXES:
-        state = _unwrap_state_dict(_torch_load(path), path)
+        state = _unwrap_state_dict(safe_torch_load(path), path)
     else:
         raise WeightsError(f"{path}: unknown weights format {path.suffix!r}; use .safetensors, .pth, .pt, .bin, .ckpt or .pth.tar")
     _check_tensors(state, path)
@@ -142,17 +142,30 @@ def _check_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
             raise WeightsError(f"{path}: tensor {short_repr(key)} holds NaN or infinite values")
 
 
-def _torch_load(path: Path) -> Any:
-    """torch.load(weights_only=True) of a torch.save file; a one-line refusal for anything else."""
+class TorchLoadError(WeightsError):
+    """safe_torch_load could not or would not read a file; `reason` says why in one line, without the path."""
+
+    def __init__(self, path: Path, reason: str, advice: str = "") -> None:
+        super().__init__(f"{path}: {reason}{advice}")
+        self.path, self.reason = path, reason
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """torch.load(weights_only=True) of a torch.save file, on the CPU; TorchLoadError (one line) for anything else.
+
+    Nothing in the file is run: plain pickles are refused unread, and torch's weights-only unpickler
+    refuses any Python object besides tensors and containers.
+    """
+    path = Path(path)
     if not _is_torch_save_file(path):
         foreign = _foreign_global(path)
         if foreign:
-            raise WeightsError(f"{path}: refused to load: a plain Python pickle, not a torch.save checkpoint, and it "
-                               f"references {foreign}: unpickling it could run code. Only torch.save tensor "
-                               f"checkpoints and .safetensors files are read.")
-        raise WeightsError(f"{path}: not a readable PyTorch checkpoint: not in torch.save's format (a plain Python "
-                           f"pickle, another format or a damaged file); only torch.save tensor checkpoints and "
-                           f".safetensors files are read")
+            raise TorchLoadError(path, f"refused to load: a plain Python pickle, not a torch.save checkpoint, and it "
+                                       f"references {foreign}: unpickling it could run code.",
+                                 " Only torch.save tensor checkpoints and .safetensors files are read.")
+        raise TorchLoadError(path, "not a readable PyTorch checkpoint: not in torch.save's format (a plain Python "
+                                   "pickle, another format or a damaged file)",
+                             "; only torch.save tensor checkpoints and .safetensors files are read")
     try:
         with warnings.catch_warnings():  # a second line besides the refusal, about torch internals
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
@@ -160,11 +173,11 @@ def _torch_load(path: Path) -> Any:
     except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, KeyError...
         foreign = _foreign_global(path)
         if foreign:
-            raise WeightsError(
-                f"{path}: refused to load: the pickle references Python objects besides tensors ({foreign}), and "
-                f"unpickling those can run code. Only plain tensor checkpoints are read; convert a trusted file "
-                f"to .safetensors first.") from exc
-        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({_torch_reason(exc)})") from exc
+            raise TorchLoadError(path, f"refused to load: the pickle references Python objects besides tensors "
+                                       f"({foreign}), and unpickling those can run code.",
+                                 " Only plain tensor checkpoints are read; convert a trusted file to .safetensors "
+                                 "first.") from exc
+        raise TorchLoadError(path, f"not a readable PyTorch checkpoint ({torch_error_line(exc)})") from exc
 
 
 def _is_torch_save_file(path: Path) -> bool:
@@ -227,7 +240,7 @@ def _pickle_globals(data: bytes, max_pickles: int = 4) -> list[str]:
     return found
 
 
-def _torch_reason(exc: BaseException) -> str:
+def torch_error_line(exc: BaseException) -> str:
     """One line from torch's error, without its advice to disable weights_only."""
     text = str(exc)
     m = re.search(r"WeightsUnpickler error:\s*(.+)", text)

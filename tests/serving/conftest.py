@@ -95,12 +95,17 @@ def three_class_folder(tmp_path_factory) -> Path:
     return small_model_folder(tmp_path_factory.mktemp("three_class"), 3, [HTML_LABEL, "dog", "fish"], size=64)
 
 
+# The `hardened` server's --max-connections: above the 46 connections of the slow-client test.
+HARDENED_MAX_CONNECTIONS = 64
+
+
 @pytest.fixture(scope="package")
 def hardened(three_class_folder):
-    """A 3-class server with short timeouts and one decode thread, for the flood and slow-client tests."""
+    """A 3-class server with short timeouts, one decode thread and HARDENED_MAX_CONNECTIONS, for the flood,
+    slow-client and connection-limit tests."""
     srv = Server(three_class_folder, "--backend", "torch", "--max-batch", "2", "--max-queue", "30",
                  "--max-wait-ms", "5", "--timeout-s", "3", "--body-timeout-s", "2", "--header-timeout-s", "2",
-                 "--decode-workers", "1")
+                 "--decode-workers", "1", "--max-connections", str(HARDENED_MAX_CONNECTIONS))
     yield srv
     srv.stop()
 

@@ -6,10 +6,8 @@ from __future__ import annotations
 import io
 import json
 import socket
-import struct
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -17,9 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hostile import LOOPBACK_HOSTS, REBINDING_HOSTS, oversized_headers, slow_clients, vm_hwm_mb
+from hostile import (LOOPBACK_HOSTS, REBINDING_HOSTS, SLOW_CLIENTS_EXTRA_MB, big_png, idle_connections, one_request,
+                     oversized_headers, reset_vm_hwm, slow_clients, vm_hwm_mb)
 
-from .conftest import HTML_LABEL
+from .conftest import HARDENED_MAX_CONNECTIONS, HTML_LABEL
 from .test_api import png_bomb_header
 
 
@@ -32,22 +31,8 @@ def png_bytes(array: np.ndarray) -> bytes:
 SMALL_PNG = png_bytes(np.random.default_rng(0).integers(0, 256, (80, 100, 3), dtype=np.uint8))
 
 
-def expensive_png(side: int = 6000) -> bytes:
-    """A 36-megapixel RGB PNG (within the default --max-pixels) of ~0.5 MB: cheap to send, ~0.4 s of CPU to decode.
-
-    Written by hand: one random row, then rows that repeat it (PNG filter "Up", all zeros), which
-    zlib packs 200:1 but the decoder must still inflate and unfilter, 108 MB of it.
-    """
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    first = np.random.default_rng(0).integers(0, 256, side * 3, dtype=np.uint8).tobytes()
-    packer = zlib.compressobj(1)
-    rows = [packer.compress(b"\0" + first)]
-    repeat = b"\2" + bytes(side * 3)
-    rows += [packer.compress(repeat) for _ in range(side - 1)] + [packer.flush()]
-    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(rows)) + chunk(b"IEND", b"")
+# 36 megapixels, within the default --max-pixels: ~140 KB to send, ~0.4 s of CPU to decode (108 MB inflated).
+EXPENSIVE_SIDE = 6000
 
 
 # --- item 10: a model with fewer classes than the default top-k --------------------------------------
@@ -61,8 +46,12 @@ def test_a_three_class_model_answers_default_requests_with_its_three_classes(har
     assert sorted(p["index"] for p in predictions) == [0, 1, 2]
     assert {p["label"] for p in predictions} == {HTML_LABEL, "dog", "fish"}  # raw text, never rewritten
     assert len(hardened.client.post("/v1/classify?top_k=2", content=SMALL_PNG).json()["predictions"]) == 2
-    too_many = hardened.client.post("/v1/classify?top_k=4", content=SMALL_PNG)
-    assert too_many.status_code == 422 and too_many.json()["detail"] == "top_k must be between 1 and 3, got 4"
+    for more in (4, 10**9):  # every class, as `ecanfnet predict --top-k 4` gives on this model
+        got = hardened.client.post(f"/v1/classify?top_k={more}", content=SMALL_PNG)
+        assert got.status_code == 200, got.text
+        assert [p["index"] for p in got.json()["predictions"]] == [p["index"] for p in predictions]
+    none = hardened.client.post("/v1/classify?top_k=0", content=SMALL_PNG)
+    assert none.status_code == 422 and none.json()["detail"] == "top_k must be at least 1, got 0"
     assert "top_k" not in hardened.client.get("/static/app.js").text  # the page takes the server's default
 
 
@@ -111,7 +100,7 @@ def test_a_flood_of_expensive_images_is_shed_without_working_for_timed_out_reque
     timeout is refused at once (503 + Retry-After): what starts is answered, nearly nothing times out,
     and right after the flood the queues are empty and a request is answered at once.
     """
-    bomb = expensive_png()
+    bomb = big_png(EXPENSIVE_SIDE, EXPENSIVE_SIDE, noisy=True)
     hwm_before = vm_hwm_mb(hardened.proc.pid)
     stop_at = time.monotonic() + FLOOD_S
 
@@ -143,7 +132,11 @@ def test_a_flood_of_expensive_images_is_shed_without_working_for_timed_out_reque
 def test_slow_bodies_and_headers_take_no_admission_slot_and_are_cut_off(hardened):
     """40 connections trickle a body (more than the 32 admission slots) and 5 trickle their headers, a byte
     a second. Before, each slow body held a slot and every other client got 503. Now bodies are read
-    before admission under --body-timeout-s 2 (then 408) and headers under --header-timeout-s 2 (closed)."""
+    before admission under --body-timeout-s 2 (then 408) and headers under --header-timeout-s 2 (closed):
+    each is cut off within 3.5 s, and the server's peak memory grows by less than SLOW_CLIENTS_EXTRA_MB."""
+    assert hardened.client.post("/v1/classify", content=SMALL_PNG).status_code == 200  # first-request costs
+    reset_vm_hwm(hardened.proc.pid)  # else the flood test's peak, above, would hide this test's
+    hwm_before = vm_hwm_mb(hardened.proc.pid)
     results: dict[str, list] = {}
     threads = [threading.Thread(target=lambda stage=stage, n=n: results.update(
                    {stage: slow_clients(hardened.port, n, seconds=8, stage=stage)}))
@@ -163,6 +156,33 @@ def test_slow_bodies_and_headers_take_no_admission_slot_and_are_cut_off(hardened
         assert b"connection: close" in answer.lower()  # and closed: the rest of the body is never read
     for when, answer in results["headers"]:
         assert when is not None and when < bound and answer == b"", (when, answer[:200])
+    growth = vm_hwm_mb(hardened.proc.pid) - hwm_before
+    assert growth < SLOW_CLIENTS_EXTRA_MB, f"peak memory grew by {growth:.0f} MB"
+
+
+def test_requests_over_max_connections_get_a_json_503_with_retry_after(hardened):
+    """With more than --max-connections connections open, a request gets the API's 503 (JSON detail naming the
+    flag, Retry-After: 1) and its connection is closed; below the limit, and once connections close, it is
+    answered. Before, uvicorn's own 503 was plain text `Service Unavailable` with no Retry-After."""
+    limit = HARDENED_MAX_CONNECTIONS
+    idle = idle_connections(hardened.port, limit - 2)  # + this request (+ hardened.client's, if kept)
+    try:
+        assert one_request(hardened.port).startswith(b"HTTP/1.1 200"), "refused below --max-connections"
+        idle += idle_connections(hardened.port, 2)
+        head, _, body = one_request(hardened.port).partition(b"\r\n\r\n")
+    finally:
+        for sock in idle:
+            sock.close()
+    lines = head.lower().split(b"\r\n")
+    assert lines[0].startswith(b"http/1.1 503"), head
+    assert {b"retry-after: 1", b"content-type: application/json", b"connection: close"} <= set(lines), head
+    detail = json.loads(body)["detail"]
+    assert detail.startswith("server busy:") and f"more than {limit} connections" in detail, detail
+    assert "--max-connections" in detail and "\n" not in detail
+    deadline = time.monotonic() + 5
+    while not one_request(hardened.port).startswith(b"HTTP/1.1 200"):  # the server notices the closes
+        assert time.monotonic() < deadline, "still refused after the connections closed"
+        time.sleep(0.1)
 
 
 def test_headers_over_max_header_bytes_get_a_json_400(server):

@@ -208,3 +208,31 @@ def test_embed_survives_a_killed_worker_under_torchrun_restarts(tmp_path):
     # same vectors up to float summation order (OMP_NUM_THREADS=1 in the workers, not here)
     np.testing.assert_allclose(np.load(out), np.load(tmp_path / "reference.npy"), rtol=1e-4, atol=1e-5)
     assert out.with_name("elastic.paths.txt").read_text() == (tmp_path / "reference.paths.txt").read_text()
+
+
+REJOIN_SCRIPT = """
+import torch
+import torch.distributed as dist
+from ecanfnet.distributed import barrier, distributed_setup, leave_process_group
+
+for round_ in range(6):
+    rank, world, _ = distributed_setup()
+    total = torch.tensor([float(rank + 1)])
+    dist.all_reduce(total)
+    barrier()
+    leave_process_group()
+    assert total.item() == 3.0 and not dist.is_initialized()
+    print(f"rank {rank}: group {round_} done", flush=True)
+"""
+
+
+def test_a_process_can_leave_the_group_and_join_a_new_one(tmp_path):
+    """train() and embed_files() leave the group where they end, so one process may call both: each new group
+    must not read the keys of the one before (the gloo addresses of closed sockets)."""
+    script = tmp_path / "rejoin.py"
+    script.write_text(REJOIN_SCRIPT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)], env=torchrun_env(CPU_ENV), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(f"rank {r}: group 5 done" in proc.stdout for r in (0, 1)), proc.stdout
+    assert "connectFullMesh failed" not in proc.stderr

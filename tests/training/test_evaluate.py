@@ -68,3 +68,11 @@ def test_evaluate_equals_timm_on_the_same_data_and_weights(tmp_path, capsys, tim
     assert got["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-4)
     rows = list(csv.DictReader(csv_path.open()))
     assert [r["class"] for r in rows] == sorted(FOLDERS) and all(r["images"] == "3" for r in rows)
+
+
+@pytest.mark.parametrize("value", ["-1", "x"])
+def test_evaluate_workers_below_zero_is_a_usage_error(value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--data", str(tmp_path), "--workers", value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument --workers: must be an integer >= 0, got {value}" in err, err

@@ -112,17 +112,39 @@ def test_killed_run_resumes_to_bitwise_the_same_weights(tmp_path, folder, timm_h
     assert (straight / "metrics.csv").read_text() == (resumed / "metrics.csv").read_text()
 
 
-def test_corrupt_training_image_is_reported_and_skipped(tmp_path, folder, timm_hub_folder, capsys):
+def test_corrupt_training_image_is_reported_and_skipped(tmp_path, folder, timm_hub_folder, capsys, caplog):
     import shutil
 
     broken = tmp_path / "data_with_broken"
     shutil.copytree(folder, broken)
     (broken / "coffee" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     out = train(tiny_config(broken, tmp_path / "out", timm_hub_folder, epochs=1, val_split=0.01))
-    err = capsys.readouterr().err
-    assert "skipped unreadable image" in err and "broken.jpg" in err
-    assert err.count("broken.jpg") == 1
+    skipped = [r for r in caplog.records if "broken.jpg" in r.getMessage()]
+    assert len(skipped) == 1 and skipped[0].name == "ecanfnet" and skipped[0].levelname == "WARNING"
+    assert skipped[0].getMessage().startswith("skipped unreadable image: ")
+    assert capsys.readouterr().err == ""  # the library logs; only the CLI prints
     assert (out / "model.safetensors").exists()
+
+
+def test_library_skips_unreadable_images_through_logging_only(tmp_path, capsys, caplog):
+    from torch.utils.data import DataLoader
+
+    from ecanfnet import build_model
+    from ecanfnet.training.data import ImageFolderDataset, collate_skipping_bad
+    from ecanfnet.training.loop import evaluate_loader
+
+    model = build_model(num_classes=2)
+    good, bad = tmp_path / "good.png", tmp_path / "bad\x1b[2J.jpg"
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(good)
+    bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    dataset = ImageFolderDataset([(str(good), 0), (str(bad), 1), (str(bad), 1)],
+                                 lambda img: torch.zeros(3, 32, 32))
+    metrics = evaluate_loader(model, DataLoader(dataset, 3, collate_fn=collate_skipping_bad), set())
+    assert metrics["val_top1"] in (0.0, 1.0)  # the one readable image was scored
+    records = [r for r in caplog.records if r.name == "ecanfnet"]
+    assert [r.levelname for r in records] == ["WARNING"]  # once per file, however often it comes up
+    assert records[0].getMessage().startswith("skipped unreadable image: ") and str(bad) in records[0].getMessage()
+    assert capsys.readouterr() == ("", "")  # nothing printed: no handler of the application's, no print
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, folder, timm_hub_folder):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import one_error_line
 from ecanfnet.cli import main
 from ecanfnet.training.loop import STATE_FILE
 from test_train import make_image_folder
@@ -22,14 +23,6 @@ TINY = ["--from-scratch", "--epochs", "1", "--batch-size", "3", "--image-size", 
 
 def train_cli(data: Path, out: Path, *extra: str) -> int:
     return main(["train", "--data", str(data), "--output", str(out), *TINY, *extra])
-
-
-def one_error_line(err: str) -> str:
-    """The stderr of a refused run: exactly one `ecanfnet: error:` line and no traceback."""
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("ecanfnet: error: "), err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +81,39 @@ def test_output_naming_a_file_fails_before_any_work(tmp_path, capsys, layout):
     line = one_error_line(capsys.readouterr().err)
     assert str(out) in line and "is an existing file" in line
     assert existing.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("out", ["/proc/ecanfnet-model", "/proc/no-such-dir/ecanfnet-model"])
+def test_output_under_a_folder_that_refuses_files_even_to_root_fails_before_any_work(out, tmp_path, capsys):
+    # root passes every permission check, yet /proc takes no new files: only a real probe finds that out
+    start = time.perf_counter()
+    code = main(["train", "--data", str(tmp_path / "no_data"), "--output", out, "--epochs", "1"])
+    assert code == 1 and time.perf_counter() - start < 5
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"ecanfnet: error: {out}: cannot create files in /proc ("), line
+
+
+def test_status_and_skip_lines_are_logged_through_one_escaping_handler(data, tmp_path, capsys):
+    import logging
+
+    from ecanfnet.console import printable
+
+    hostile = tmp_path / "data"
+    shutil.copytree(data, hostile)
+    (hostile / "coffee" / "bad\x1b]0;pwned\x07.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    out = tmp_path / "out\x1b[31m\u202e"
+    assert train_cli(hostile, out, "--no-progress") == 0
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\u202e" not in err, err  # file names reach these lines: escaped, never raw
+    skipped = [line for line in err.splitlines() if "bad" in line]
+    assert len(skipped) == 1 and skipped[0].startswith("ecanfnet: warning: skipped unreadable image: "), err
+    assert "bad\\x1b]0;pwned\\x07.jpg" in skipped[0]
+    assert "ecanfnet: epoch 1/1: train loss " in err
+    assert train_cli(hostile, out, "--resume", "--no-progress") == 0  # the one epoch is done: nothing left to do
+    err = capsys.readouterr().err
+    assert err == f"ecanfnet: resuming {printable(out)} after epoch 1\n", err
+    # the handler lives as long as main(): used as a library, ecanfnet only logs
+    assert all(isinstance(h, logging.NullHandler) for h in logging.getLogger("ecanfnet").handlers)
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +195,7 @@ def test_edge_values_inside_the_ranges_are_accepted():
     args = build_parser().parse_args(
         ["train", "--data", "d", "--output", "o", "--label-smoothing", "0", "--val-split", "0.999", "--lr", "1e-9",
          "--warmup-epochs", "0", "--mixup", "0", "--agc", "0", "--drop-rate", "0.99", "--ema-decay", "0.9999",
-         "--hflip", "1", "--workers", "0", "--crop-scale", "0.08", "1", "--image-size", "2048"])
+         "--hflip", "1", "--workers", "0", "--crop-scale", "0.08", "1", "--image-size", "1024"])
     assert (args.label_smoothing, args.val_split, args.hflip, args.crop_scale) == (0.0, 0.999, 1.0, [0.08, 1.0])
-    assert args.image_size == 2048  # the largest side a checkpoint may record (metadata.MAX_IMAGE_SIDE)
+    assert args.image_size == 1024  # the largest side a checkpoint may record (metadata.MAX_IMAGE_SIDE)
     assert torch.isfinite(torch.tensor(args.lr))

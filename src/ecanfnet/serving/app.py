@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import os
 import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -102,7 +103,8 @@ ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in 
     413: "body over --max-upload-bytes, or image over --max-pixels",
     415: "content type is neither multipart/form-data, image/* nor application/octet-stream",
     422: "empty body, no `file` field, not a readable image, or a parameter out of range",
-    503: "too many requests in flight, decoding backed up or batch queue full; retry after Retry-After seconds",
+    503: "too many requests in flight, decoding backed up, batch queue full or over --max-connections; retry after "
+         "Retry-After seconds",
     504: "not answered within --timeout-s",
 }.items()}
 
@@ -137,25 +139,74 @@ def create_app(engine: InferenceEngine, settings: ServeSettings | None = None) -
     """The FastAPI application serving engine under settings (run it with uvicorn)."""
     settings = settings or ServeSettings()
     metrics = Metrics()
-    decoder = DecodeQueue(settings.decode_workers or min(8, os.cpu_count() or 1))
-    metrics.decode_backlog.set_function(lambda: decoder.backlog)
-    state: dict[str, Any] = {"inflight": 0}
-    max_inflight = settings.max_queue + settings.max_batch
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        batcher = DynamicBatcher(engine, settings.max_batch, settings.max_wait_ms, settings.max_queue,
-                                 on_batch=metrics.batch_size.observe)
-        metrics.queue_depth.set_function(batcher.depth)
-        batcher.start()
-        state["batcher"] = batcher
-        yield
-        await batcher.stop()  # uvicorn has already let in-flight requests finish
-        decoder.shutdown()
-
-    app = FastAPI(title="ecanfnet", version=_version(), lifespan=lifespan,
+    images = ImageRequests(engine, settings, metrics)
+    app = FastAPI(title="ecanfnet", version=_version(), lifespan=images.lifespan,
                   description=f"{engine.name} image classification and embeddings, dynamically batched.")
     install_error_handlers(app)
+    install_middleware(app, settings, metrics)
+    add_api_routes(app, engine, settings, images)
+    add_page_routes(app, metrics)
+    return app
+
+
+class ImageRequests:
+    """The work of an image request: body (before admission), admission, decoding and the batched forward pass."""
+
+    def __init__(self, engine: InferenceEngine, settings: ServeSettings, metrics: Metrics) -> None:
+        self.engine, self.settings, self.metrics = engine, settings, metrics
+        self.decoder = DecodeQueue(settings.decode_workers or min(8, os.cpu_count() or 1))
+        metrics.decode_backlog.set_function(lambda: self.decoder.backlog)
+        self.batcher: DynamicBatcher | None = None
+        self.inflight = 0
+        self.max_inflight = settings.max_queue + settings.max_batch
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        """Run the batcher while the app serves; stop it and the decode threads after."""
+        settings = self.settings
+        self.batcher = DynamicBatcher(self.engine, settings.max_batch, settings.max_wait_ms, settings.max_queue,
+                                      on_batch=self.metrics.batch_size.observe)
+        self.metrics.queue_depth.set_function(self.batcher.depth)
+        self.batcher.start()
+        yield
+        await self.batcher.stop()  # uvicorn has already let in-flight requests finish
+        self.decoder.shutdown()
+
+    async def run(self, request: Request) -> tuple[Any, int]:
+        """Body (under its own timeout, before admission), admission, decoding and the batched forward pass."""
+        settings = self.settings
+        data, name = await read_body_in_time(request, settings.max_upload_bytes, settings.body_timeout_s)
+        if self.inflight >= self.max_inflight:
+            raise HTTPException(503, "server busy: too many requests in flight", headers={"Retry-After": "1"})
+        self.inflight += 1
+        self.metrics.inflight.inc()
+        try:
+            # The timeout cancels the work too: a decode not yet started is dropped, and so is a queued
+            # image (the batcher skips cancelled requests), so no work outlives its 504 in a queue.
+            return await asyncio.wait_for(self._process(data, name), settings.timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(504, f"not answered within {settings.timeout_s:g} s") from None
+        finally:
+            self.inflight -= 1
+            self.metrics.inflight.dec()
+
+    async def _process(self, data: bytes, name: str) -> tuple[Any, int]:
+        # A decode that cannot start within half the timeout is refused (503, retry later) rather than
+        # queued: the other half is for the decode itself and the batch, so started work gets answered.
+        start_by = time.monotonic() + self.settings.timeout_s / 2
+        try:
+            image = await self.decoder.run(start_by, _preprocess, self.engine, data, name, self.settings.max_pixels)
+        except DecodeBusy:
+            raise HTTPException(503, "server busy: image decoding is backed up",
+                                headers={"Retry-After": "1"}) from None
+        try:
+            return await self.batcher.submit(image)
+        except QueueFull:
+            raise HTTPException(503, "server busy: the batch queue is full", headers={"Retry-After": "1"}) from None
+
+
+def install_middleware(app: FastAPI, settings: ServeSettings, metrics: Metrics) -> None:
+    """The Host check (against DNS rebinding) and the request counters."""
 
     @app.middleware("http")
     async def check_host(request: Request, call_next):
@@ -180,81 +231,65 @@ def create_app(engine: InferenceEngine, settings: ServeSettings | None = None) -
             metrics.requests.labels(endpoint, str(status)).inc()
             metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
+
+def api_key_check(api_key: str | None) -> Callable[[Request], None]:
+    """A FastAPI dependency raising 401 unless the request carries api_key (none: every request passes)."""
+
     def require_api_key(request: Request) -> None:
-        if settings.api_key is None:
+        if api_key is None:
             return
         given = request.headers.get("x-api-key") or ""
         auth = request.headers.get("authorization") or ""
         if auth.lower().startswith("bearer "):
             given = auth[7:].strip()
-        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-            raise HTTPException(401, "missing or wrong API key: send it as `Authorization: Bearer KEY` or `X-API-Key: KEY`",
-                                headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise HTTPException(401, "missing or wrong API key: send it as `Authorization: Bearer KEY` or "
+                                     "`X-API-Key: KEY`", headers={"WWW-Authenticate": "Bearer"})
 
-    async def run_image(request: Request) -> tuple[Any, int]:
-        """Body (under its own timeout, before admission), admission, decoding and the batched forward pass."""
-        data, name = await read_body_in_time(request, settings.max_upload_bytes, settings.body_timeout_s)
-        if state["inflight"] >= max_inflight:
-            raise HTTPException(503, "server busy: too many requests in flight", headers={"Retry-After": "1"})
-        state["inflight"] += 1
-        metrics.inflight.inc()
-        try:
-            # The timeout cancels the work too: a decode not yet started is dropped, and so is a queued
-            # image (the batcher skips cancelled requests), so no work outlives its 504 in a queue.
-            return await asyncio.wait_for(_process(data, name), settings.timeout_s)
-        except asyncio.TimeoutError:
-            raise HTTPException(504, f"not answered within {settings.timeout_s:g} s") from None
-        finally:
-            state["inflight"] -= 1
-            metrics.inflight.dec()
+    return require_api_key
 
-    async def _process(data: bytes, name: str) -> tuple[Any, int]:
-        # A decode that cannot start within half the timeout is refused (503, retry later) rather than
-        # queued: the other half is for the decode itself and the batch, so started work gets answered.
-        start_by = time.monotonic() + settings.timeout_s / 2
-        try:
-            image = await decoder.run(start_by, _preprocess, engine, data, name, settings.max_pixels)
-        except DecodeBusy:
-            raise HTTPException(503, "server busy: image decoding is backed up",
-                                headers={"Retry-After": "1"}) from None
-        try:
-            return await state["batcher"].submit(image)
-        except QueueFull:
-            raise HTTPException(503, "server busy: the batch queue is full", headers={"Retry-After": "1"}) from None
+
+def add_api_routes(app: FastAPI, engine: InferenceEngine, settings: ServeSettings, images: ImageRequests) -> None:
+    """POST /v1/classify, POST /v1/embed and GET /v1/model (behind the API key when there is one)."""
+    keyed = [Depends(api_key_check(settings.api_key))]
 
     @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS, openapi_extra=IMAGE_BODY,
-              dependencies=[Depends(require_api_key)], summary="Top-k classes of one image")
+              dependencies=keyed, summary="Top-k classes of one image")
     async def classify(request: Request, top_k: int | None = Query(
-            None, description=f"classes to return (1..num_classes; default {DEFAULT_TOP_K} or num_classes if fewer)")):
-        if top_k is None:
-            top_k = min(DEFAULT_TOP_K, engine.num_classes)
-        if not 1 <= top_k <= engine.num_classes:
-            raise HTTPException(422, f"top_k must be between 1 and {engine.num_classes}, got {top_k}")
+            None, description=f"classes to return, at least 1 (default {DEFAULT_TOP_K}; more than num_classes "
+                              "returns every class, as `ecanfnet predict --top-k` does)")):
+        if top_k is not None and top_k < 1:
+            raise HTTPException(422, f"top_k must be at least 1, got {top_k}")
+        top_k = min(top_k or DEFAULT_TOP_K, engine.num_classes)
         start = time.perf_counter()
-        output, row = await run_image(request)
+        output, row = await images.run(request)
         scores, indices = output.probabilities[row].topk(top_k)
         predictions = [Prediction(index=int(i), label=engine.labels[int(i)], score=float(s))
                        for s, i in zip(scores.tolist(), indices.tolist())]
         return ClassifyResponse(predictions=predictions, model=engine.name, elapsed_ms=_ms_since(start))
 
     @app.post("/v1/embed", response_model=EmbedResponse, responses=ERRORS, openapi_extra=IMAGE_BODY,
-              dependencies=[Depends(require_api_key)], summary="Pooled pre-logit embedding of one image")
+              dependencies=keyed, summary="Pooled pre-logit embedding of one image")
     async def embed(request: Request, normalize: bool = Query(False, description="L2-normalise the vector")):
         start = time.perf_counter()
-        output, row = await run_image(request)
+        output, row = await images.run(request)
         vector = output.embeddings[row]
         if normalize:
             vector = torch.nn.functional.normalize(vector, dim=0)
         return EmbedResponse(embedding=vector.tolist(), dim=int(vector.numel()), normalized=normalize,
                              model=engine.name, elapsed_ms=_ms_since(start))
 
-    @app.get("/v1/model", response_model=ModelInfo, dependencies=[Depends(require_api_key)],
+    @app.get("/v1/model", response_model=ModelInfo, dependencies=keyed,
              responses={401: ERRORS[401]}, summary="What is being served")
     async def model_info():
         return ModelInfo(architecture=engine.name, num_classes=engine.num_classes, labels_count=len(engine.labels),
                          num_features=engine.num_features, input_size=[3, *engine.image_size],
                          backend=engine.backend, precision=engine.precision, max_batch=settings.max_batch,
                          max_wait_ms=settings.max_wait_ms)
+
+
+def add_page_routes(app: FastAPI, metrics: Metrics) -> None:
+    """GET /healthz, /metrics, the web page at / and its static files."""
 
     @app.get("/healthz", summary="Liveness: 200 while the server runs")
     async def healthz():
@@ -273,7 +308,6 @@ def create_app(engine: InferenceEngine, settings: ServeSettings | None = None) -
         return FileResponse(str(static / "index.html"))
 
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
-    return app
 
 
 async def read_body_in_time(request: Request, max_bytes: int, timeout_s: float) -> tuple[bytes, str]:

@@ -8,9 +8,9 @@ resumed replays epoch E from the same state and ends with bitwise the same weigh
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -21,12 +21,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..distributed import barrier, distributed_setup, launch_rank, restart_attempt, say
-from ..fileio import write_atomically, write_csv_atomically
+from ..distributed import barrier, distributed_setup, launch_rank, leave_process_group, restart_attempt, say
+from ..fileio import check_output_dir, write_atomically, write_csv_atomically
 from ..model import ECANFNet
 from ..progress import progress as progress_reporter
 from ..transforms import eval_transform
-from ..weights import WeightsSource, _torch_reason, create_model, save_pretrained
+from ..weights import TorchLoadError, WeightsSource, create_model, safe_torch_load, save_pretrained, torch_error_line
 from .agc import adaptive_clip_grad_
 from .data import DEFAULT_CROP_SCALE, ImageFolderDataset, collate_skipping_bad, scan_image_folder, split_samples, train_transform
 from .evaluate import Tally
@@ -37,6 +37,8 @@ OUTPUT_FILES = ("config.json", "model.safetensors", STATE_FILE, "metrics.csv")
 STATE_KEYS = ("model", "optimizer", "epoch", "best", "history")
 AUTOCAST_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 METRICS_FILE = "metrics.csv"
+
+log = logging.getLogger("ecanfnet")
 
 
 class TrainingError(RuntimeError):
@@ -116,6 +118,7 @@ def train(cfg: TrainConfig) -> Path:
         return _train(cfg)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+        leave_process_group()  # here, not at interpreter exit (see distributed.py)
 
 
 def _train(cfg: TrainConfig) -> Path:
@@ -125,27 +128,11 @@ def _train(cfg: TrainConfig) -> Path:
     resuming = cfg.resume or restart_attempt() > 0
     if cfg.overwrite and not resuming and launch_rank() == 0:
         (out / STATE_FILE).unlink(missing_ok=True)  # a restart of this run must never resume the replaced one
-    classes, train_samples, val_samples = _read_samples(cfg)
-    torch.manual_seed(cfg.seed)  # the new classifier's initialisation
-    model = _initial_model(cfg, len(classes))
-    model.pretrained_cfg["label_names"] = classes
-    if cfg.image_size is None:
-        cfg.image_size = int(model.pretrained_cfg["input_size"][-1])
-    mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
-    augment = train_transform(cfg.image_size, mean, std, cfg.randaugment, cfg.crop_scale, cfg.hflip)
-    train_ds = ImageFolderDataset(train_samples, augment)
-    # OUT records the preprocessing validation uses, so predict/evaluate/timm reproduce the validation numbers
-    model.pretrained_cfg.update(preprocessing_as_trained(cfg.image_size))
-    val_ds = ImageFolderDataset(val_samples, eval_transform(model.pretrained_cfg))
-
+    classes, model, train_ds, val_ds = _model_and_data(cfg)
     if cfg.precision not in AUTOCAST_DTYPES:
         raise TrainingError(f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {cfg.precision!r}")
     rank, world, device = distributed_setup()
-    if cfg.precision == "fp16" and device.type != "cuda":
-        warnings.warn("fp16 training on CPU is emulated and slow (it exists to check the fp16 path); "
-                      "use --precision bf16 or fp32 on CPU", stacklevel=2)
-    # fp16 gradients are scaled against underflow and unscaled before AGC; a no-op otherwise
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    scaler = _grad_scaler(cfg.precision, device)
     model.to(device)
     optimizer = _optimizer(model, cfg)
     ema = _ema(model, cfg.ema_decay)
@@ -160,14 +147,7 @@ def _train(cfg: TrainConfig) -> Path:
     if resuming and state_path.is_file():
         start_epoch, best, cfg.history = _load_state(state_path, model, optimizer, ema, scaler)
         say(f"resuming {out} after epoch {start_epoch}", rank)
-    net: nn.Module = model
-    sampler = None
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        from torch.utils.data.distributed import DistributedSampler
-
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        sampler = DistributedSampler(train_ds, world, rank, shuffle=True, seed=cfg.seed)
+    net, sampler = _distributed(model, train_ds, cfg.seed, rank, world, device)
     reported: set[str] = set()
     for epoch in range(start_epoch, cfg.epochs):
         _seed_epoch(cfg.seed, epoch, rank)
@@ -199,6 +179,43 @@ def _train(cfg: TrainConfig) -> Path:
     return out
 
 
+def _model_and_data(cfg: TrainConfig) -> tuple[list[str], ECANFNet, ImageFolderDataset, ImageFolderDataset]:
+    """Class names, the initial model (labels and test-time preprocessing recorded), training and validation sets."""
+    classes, train_samples, val_samples = _read_samples(cfg)
+    torch.manual_seed(cfg.seed)  # the new classifier's initialisation
+    model = _initial_model(cfg, len(classes))
+    model.pretrained_cfg["label_names"] = classes
+    if cfg.image_size is None:
+        cfg.image_size = int(model.pretrained_cfg["input_size"][-1])
+    mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
+    augment = train_transform(cfg.image_size, mean, std, cfg.randaugment, cfg.crop_scale, cfg.hflip)
+    train_ds = ImageFolderDataset(train_samples, augment)
+    # OUT records the preprocessing validation uses, so predict/evaluate/timm reproduce the validation numbers
+    model.pretrained_cfg.update(preprocessing_as_trained(cfg.image_size))
+    val_ds = ImageFolderDataset(val_samples, eval_transform(model.pretrained_cfg))
+    return classes, model, train_ds, val_ds
+
+
+def _grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """fp16: gradients scaled against underflow and unscaled before AGC; a no-op scaler otherwise."""
+    if precision == "fp16" and device.type != "cuda":
+        warnings.warn("fp16 training on CPU is emulated and slow (it exists to check the fp16 path); "
+                      "use --precision bf16 or fp32 on CPU", stacklevel=3)
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def _distributed(model: ECANFNet, train_ds: ImageFolderDataset, seed: int, rank: int, world: int,
+                 device: torch.device) -> tuple[nn.Module, Any]:
+    """(network to train, sampler): the model itself and None alone, DDP and a DistributedSampler under torchrun."""
+    if world <= 1:
+        return model, None
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data.distributed import DistributedSampler
+
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return net, DistributedSampler(train_ds, world, rank, shuffle=True, seed=seed)
+
+
 def _read_samples(cfg: TrainConfig) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
     """Class names and the (training, validation) samples of cfg.data (and cfg.val); at least 2 classes."""
     classes, samples = scan_image_folder(cfg.data)
@@ -217,14 +234,12 @@ def _check_output(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse, before any work, an OUT that is a file, cannot be created, or holds a run that would be replaced."""
     if resume and overwrite:
         raise TrainingError("--resume and --overwrite contradict each other: continue OUT, or replace it")
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        what = "--output" if existing == out else f"{existing} (a parent of --output)"
-        raise TrainingError(f"{out}: {what} is an existing file, not a folder; name a folder for the model")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise TrainingError(f"{out}: cannot write into {existing} (permission denied)")
+    try:
+        check_output_dir(out)
+    except NotADirectoryError as exc:
+        raise TrainingError(f"{out}: {exc.strerror}; name a folder for the model") from None
+    except OSError as exc:  # the nearest existing folder refuses new files (permissions, /proc, read-only mount)
+        raise TrainingError(f"{out}: {exc.strerror}") from None
     held = [name for name in OUTPUT_FILES if (out / name).exists()]
     restarted = restart_attempt() > 0  # by torchrun: OUT holds this very run's last saved epoch
     if held and not (resume or overwrite or restarted):
@@ -331,7 +346,7 @@ def _train_steps(net: nn.Module, loader: DataLoader, bar, optimizer: torch.optim
     lr = 0.0
     for i, (x, y, errors) in enumerate(loader):
         bar.update(1)
-        _report(errors, reported, bar)
+        _report(errors, reported)
         if x is None:
             continue
         x, y = x.to(device), y.to(device)
@@ -384,7 +399,7 @@ def evaluate_loader(model: nn.Module, loader: DataLoader, reported: set[str],
     tally = Tally()
     with progress_reporter(len(loader.dataset), progress or "", enabled=progress is not None, leave=False) as bar:
         for x, y, errors in loader:
-            _report(errors, reported, bar)
+            _report(errors, reported)
             if x is not None:
                 tally.add(model(x.to(device or x.device)).cpu(), y)
             bar.update((len(x) if x is not None else 0) + len(errors))
@@ -392,13 +407,12 @@ def evaluate_loader(model: nn.Module, loader: DataLoader, reported: set[str],
     return {"val_loss": loss, "val_top1": top1, "val_top5": top5}
 
 
-def _report(errors: list[str], reported: set[str], bar=None) -> None:
-    """Print each unreadable-image reason once (above the progress bar when there is one)."""
+def _report(errors: list[str], reported: set[str]) -> None:
+    """Log each unreadable-image reason once (a warning on the "ecanfnet" logger)."""
     for err in errors:
         if err not in reported:
             reported.add(err)
-            line = f"ecanfnet: skipped unreadable image: {err}"
-            bar.write(line, file=sys.stderr) if bar is not None else print(line, file=sys.stderr)
+            log.warning("skipped unreadable image: %s", err)
 
 
 def _seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
@@ -430,7 +444,7 @@ def _load_state(path: Path, model: ECANFNet, optimizer: torch.optim.Optimizer, e
         epoch, best, history = int(state["epoch"]), float(state["best"]), list(state["history"])
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise TrainingError(f"{path}: its optimizer / EMA state does not fit this run (other --freeze-backbone "
-                            f"or --ema-decay settings?): {_torch_reason(exc)}") from None
+                            f"or --ema-decay settings?): {torch_error_line(exc)}") from None
     if epoch < 0 or not all(isinstance(row, dict) for row in history):
         raise TrainingError(f"{path}: not an ecanfnet training state (epoch {epoch}, history of {len(history)} rows)")
     return epoch, best, history
@@ -439,12 +453,10 @@ def _load_state(path: Path, model: ECANFNet, optimizer: torch.optim.Optimizer, e
 def _read_state(path: Path) -> dict[str, Any]:
     """The dict in a training state file, loaded without running any pickled code (weights_only)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's notes on odd pickle protocols would add lines to the one error
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - truncated zip, random bytes, refused pickle: all mean "unreadable"
+        state = safe_torch_load(path)
+    except TorchLoadError as exc:  # truncated zip, random bytes, refused pickle: all mean "unreadable"
         raise TrainingError(f"{path}: not a readable training state (damaged, or not written by ecanfnet train; "
-                            f"nothing in it was run): {_torch_reason(exc)}") from None
+                            f"nothing in it was run): {exc.reason}") from None
     if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
         found = sorted(map(str, state))[:5] if isinstance(state, dict) else type(state).__name__
         raise TrainingError(f"{path}: not an ecanfnet training state (expected the keys {', '.join(STATE_KEYS)}; "
