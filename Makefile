@@ -11,7 +11,7 @@ $(BIN)/.ecanfnet-installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
-	$(BIN)/python -m pip install -q -e ".[onnx,train,serve]" $(TORCH_PIN)
+	$(BIN)/python -m pip install -q -e ".[onnx,openvino,train,serve]" $(TORCH_PIN)
 	touch $@
 
 $(BIN)/.ecanfnet-test-installed: $(BIN)/.ecanfnet-installed

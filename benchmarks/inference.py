@@ -1,8 +1,10 @@
-"""Inference throughput: timm eager and timm-in-ONNX-Runtime (the anchors) against each ecanfnet backend.
+"""Inference throughput: timm eager, timm in ONNX Runtime and timm in OpenVINO (the anchors) against each ecanfnet backend.
 
 One process, same randomised weights and same input for everyone; the candidates run in
 alternation, round after round, so that drifts in machine speed hit all of them alike.
-Prints images/s (median of all timed calls) and the ratios to both anchors.
+Prints images/s (median of all timed calls) and the ratios to the anchors; "vs timm OV" compares
+each row with timm -> OpenVINO in the same precision (f32 for fp32 rows, bf16 for bf16 rows).
+The OpenVINO rows need the openvino extra; bf16 rows run where the CPU has native bf16.
 
     python benchmarks/inference.py                      # batch 1 and 8 at 288x288
     python benchmarks/inference.py --batch-sizes 1 --rounds 3 --json results.json
@@ -11,6 +13,7 @@ Prints images/s (median of all timed calls) and the ratios to both anchors.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import platform
 import statistics
@@ -30,7 +33,7 @@ from conftest import photo_arrays, timm_model  # noqa: E402  (randomised timm we
 from PIL import Image  # noqa: E402
 
 from ecanfnet import build_model, eval_transform  # noqa: E402
-from ecanfnet.backends import cpu_has_native_bf16, make_runner  # noqa: E402
+from ecanfnet.backends import cpu_has_native_bf16, make_runner, openvino_available, openvino_threads  # noqa: E402
 
 
 def timm_onnxruntime(ref: torch.nn.Module, folder: Path) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -48,6 +51,24 @@ def timm_onnxruntime(ref: torch.nn.Module, folder: Path) -> Callable[[torch.Tens
     return lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
 
 
+def timm_openvino(ref: torch.nn.Module, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What a user does: openvino.convert_model on timm's eval model, compile_model with a precision hint."""
+    import openvino as ov
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        model = ov.convert_model(ref, example_input=torch.randn(1, 3, 288, 288))
+    config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
+              "INFERENCE_NUM_THREADS": openvino_threads()}
+    compiled = ov.Core().compile_model(model, "CPU", config)
+    request = compiled.create_infer_request()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        request.infer({0: x.numpy()})
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+    return run
+
+
 def timm_eager(ref: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -60,14 +81,25 @@ def candidates(batch: int, with_compile: bool, with_bf16: bool, folder: Path) ->
     ours = build_model("eca_nfnet_l0").eval()
     ours.load_state_dict(ref.state_dict())
     runs: dict[str, Callable] = {"timm eager fp32": timm_eager(ref), "timm onnxruntime fp32": timm_onnxruntime(ref, folder)}
+    with_openvino = openvino_available()
+    if with_openvino:
+        runs["timm openvino fp32"] = timm_openvino(ref, "f32")
+        if with_bf16 and cpu_has_native_bf16():
+            runs["timm openvino bf16"] = timm_openvino(ref, "bf16")
     runs["ecanfnet torch fp32"] = make_runner(ours, "torch", "fp32")
     runs["ecanfnet onnxruntime fp32"] = make_runner(ours, "onnxruntime", "fp32")
+    if with_openvino:
+        runs["ecanfnet openvino fp32"] = make_runner(ours, "openvino", "fp32")
     if with_compile:
         runs["ecanfnet compile fp32"] = make_runner(ours, "compile", "fp32", compile_batch=batch)
     if with_bf16:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             runs["ecanfnet torch bf16"] = make_runner(ours, "torch", "bf16")
+            if with_compile and cpu_has_native_bf16():
+                runs["ecanfnet compile bf16"] = make_runner(ours, "compile", "bf16", compile_batch=batch)
+        if with_openvino and cpu_has_native_bf16():
+            runs["ecanfnet openvino bf16"] = make_runner(ours, "openvino", "bf16")
     return runs
 
 
@@ -116,8 +148,20 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    flags: list[str] = []
+    try:
+        flags = sorted({f for f in Path("/proc/cpuinfo").read_text().split()
+                        if f.startswith(("avx512", "amx", "avx_vnni")) or f in ("avx2", "fma")})
+    except OSError:
+        pass
+    versions = f"torch {torch.__version__}"
+    for package in ("onnxruntime", "openvino", "timm"):
+        try:
+            versions += f", {package} {importlib.metadata.version(package)}"
+        except importlib.metadata.PackageNotFoundError:
+            pass
     return (f"{cpu}, {torch.get_num_threads()} torch threads, native bf16: {cpu_has_native_bf16()}, "
-            f"torch {torch.__version__}, Python {platform.python_version()}")
+            f"flags: {' '.join(flags) or 'unknown'}; {versions}, Python {platform.python_version()}")
 
 
 def main() -> None:
@@ -146,14 +190,18 @@ def main() -> None:
             ips = {name: batch / statistics.median(t) for name, t in times.items()}
             eager, ort = ips["timm eager fp32"], ips["timm onnxruntime fp32"]
             print(f"\n## batch {batch}, {args.image_size}x{args.image_size}, {args.rounds} rounds x {args.iters} calls")
-            print(f"{'candidate':28s} {'images/s':>9s} {'vs timm eager':>14s} {'vs timm ORT':>12s} {'max rel err':>12s} {'top-1':>6s} {'top-5':>6s}")
+            print(f"{'candidate':28s} {'images/s':>9s} {'vs timm eager':>14s} {'vs timm ORT':>12s} {'vs timm OV':>11s} "
+                  f"{'max rel err':>12s} {'top-1':>6s} {'top-5':>6s}")
             for name in runs:
                 a = agree[name]
+                ov_anchor = ips.get(f"timm openvino {name.rsplit(' ', 1)[-1]}")  # same precision
+                vs_ov = ips[name] / ov_anchor if ov_anchor else None
                 print(f"{name:28s} {ips[name]:9.2f} {ips[name] / eager:13.2f}x {ips[name] / ort:11.2f}x "
-                      f"{a['max_rel_err']:12.2e} {a['top1_agree']:6.2f} {a['top5_agree']:6.2f}")
+                      f"{f'{vs_ov:10.2f}x' if vs_ov else f'{chr(45):>11s}'} "
+                      f"{a['max_rel_err']:12.2e} {a['top1_agree']:6.2f} {a['top5_agree']:6.2f}", flush=True)
                 results.append({"batch_size": batch, "image_size": args.image_size, "candidate": name,
                                 "images_per_s": ips[name], "vs_timm_eager": ips[name] / eager,
-                                "vs_timm_onnxruntime": ips[name] / ort, **a})
+                                "vs_timm_onnxruntime": ips[name] / ort, "vs_timm_openvino": vs_ov, **a})
             del runs
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "results": results}, indent=2) + "\n")

@@ -2,9 +2,16 @@
 
 Writes N photos (crops and flips of the real photos shipped with scikit-image and scikit-learn)
 as JPEGs, then times Classifier.predict_files over them (decode + resize in worker threads
-while the model runs) and the model alone on ready tensors of the same batch size.
+while the model runs), with the exact decode and with decode="fast", and the model alone on ready
+tensors of the same batch size, alternating round by round.
+
+--size 4032x3024 writes phone-size JPEGs (quality 90, upscaled crops; --grain adds sensor-like noise
+so the files weigh what real 12 MP photos do); --stages also reports where one image's time goes,
+stage by stage in one thread (decode, resize + crop, to tensor + normalise, model per image at the
+batch size), for both decodes.
 
     python benchmarks/predict.py --images 200 --backend onnxruntime
+    python benchmarks/predict.py --images 48 --size 4032x3024 --grain 4 --stages
 """
 
 from __future__ import annotations
@@ -26,20 +33,62 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import photo_arrays, random_crop  # noqa: E402
 
 from ecanfnet import Classifier, build_model  # noqa: E402
+from ecanfnet.inference import image_loader  # noqa: E402
+
+DECODES = ("exact", "fast")
 
 
-def write_photos(folder: Path, count: int) -> list[str]:
+def write_photos(folder: Path, count: int, size: tuple[int, int] | None = None, grain: float = 0.0) -> list[str]:
+    """count JPEGs: 3/4 crops of the photos at their own size (quality 92), or 4:3 crops resized to size (quality 90)."""
     photos = list(photo_arrays().values())
     rng = np.random.default_rng(0)
     paths = []
     for i in range(count):
-        crop = random_crop(photos[i % len(photos)], rng, 3 / 4)
+        arr = photos[i % len(photos)]
+        if size is None:
+            crop = random_crop(arr, rng, 3 / 4)
+        else:
+            side = min(arr.shape[1] / size[0], arr.shape[0] / size[1])
+            crop = arr[: int(size[1] * side), : int(size[0] * side)]
         if i % 2:
             crop = crop[:, ::-1]
+        img = Image.fromarray(np.ascontiguousarray(crop))
+        if size is not None:
+            img = img.resize(size, Image.Resampling.BICUBIC)
+        if grain:
+            noisy = np.asarray(img, np.float32) + rng.normal(0, grain, (img.height, img.width, 1)).astype(np.float32)
+            img = Image.fromarray(np.clip(np.rint(noisy), 0, 255).astype(np.uint8))
         path = folder / f"photo_{i:04d}.jpg"
-        Image.fromarray(np.ascontiguousarray(crop)).save(path, quality=92)
+        img.save(path, quality=92 if size is None else 90)
         paths.append(str(path))
     return paths
+
+
+def stage_times(clf: Classifier, paths: list[str], decode: str, batch_size: int) -> dict[str, float]:
+    """Seconds per image of each stage, run one after the other in this thread."""
+    load = image_loader(clf.transform, decode=decode)
+    totals = dict.fromkeys(("decode", "resize + crop", "to tensor + normalise", "stack", "model"), 0.0)
+    tensors = []
+    for path in paths:
+        t0 = time.perf_counter()
+        img = load(path)
+        t1 = time.perf_counter()
+        crop = clf.transform.resize_and_crop(img)
+        t2 = time.perf_counter()
+        tensors.append(clf.transform.to_tensor(crop))
+        t3 = time.perf_counter()
+        totals["decode"] += t1 - t0
+        totals["resize + crop"] += t2 - t1
+        totals["to tensor + normalise"] += t3 - t2
+    for i in range(0, len(tensors), batch_size):
+        t0 = time.perf_counter()
+        batch = torch.stack(tensors[i:i + batch_size])
+        t1 = time.perf_counter()
+        clf.runner(batch)
+        t2 = time.perf_counter()
+        totals["stack"] += t1 - t0
+        totals["model"] += t2 - t1
+    return {k: v / len(paths) for k, v in totals.items()}
 
 
 def main() -> None:
@@ -49,33 +98,56 @@ def main() -> None:
     parser.add_argument("--backend", default="onnxruntime")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--size", default=None, metavar="WxH", help="resize the photos to this size (e.g. 4032x3024)")
+    parser.add_argument("--grain", type=float, default=0.0, metavar="SIGMA", help="add Gaussian noise of this sigma")
+    parser.add_argument("--stages", action="store_true", help="also time each stage, exact and fast decode")
     args = parser.parse_args()
+    size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
 
     clf = Classifier(build_model().eval(), "cpu", args.backend, "fp32")
-    size = clf.transform.image_size
+    side = clf.transform.image_size
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_photos(Path(tmp), args.images)
-        batch = torch.randn(args.batch_size, 3, *size)
+        paths = write_photos(Path(tmp), args.images, size, args.grain)
+        mb = statistics.mean(Path(p).stat().st_size for p in paths) / 1e6
+        batch = torch.randn(args.batch_size, 3, *side)
         clf.runner(batch)  # warm-up
-        for _ in range(2):
-            list(clf.predict_files(paths[: args.batch_size * 2], batch_size=args.batch_size, workers=args.workers))
+        for decode in DECODES:
+            list(clf.predict_files(paths[: args.batch_size * 2], batch_size=args.batch_size, workers=args.workers,
+                                   decode=decode))
 
         n_batches = -(-args.images // args.batch_size)
-        model_only, end_to_end = [], []
-        for _ in range(args.rounds):  # alternate, so drifts in machine speed hit both alike
+        model_only: list[float] = []
+        end_to_end: dict[str, list[float]] = {d: [] for d in DECODES}
+        for _ in range(args.rounds):  # alternate, so drifts in machine speed hit all alike
             start = time.perf_counter()
             for _ in range(n_batches):
                 clf.runner(batch)
             model_only.append(n_batches * args.batch_size / (time.perf_counter() - start))
-            start = time.perf_counter()
-            results = list(clf.predict_files(paths, batch_size=args.batch_size, workers=args.workers))
-            end_to_end.append(len(results) / (time.perf_counter() - start))
-    assert all(r.ok for r in results)
-    print(f"backend {clf.runner.backend}, batch {args.batch_size}, {args.images} JPEG photos, {size}x{size}")
-    ratios = [e / m for e, m in zip(end_to_end, model_only)]
-    print(f"model only : {statistics.median(model_only):6.2f} images/s  (rounds: {_fmt(model_only)})")
-    print(f"predict    : {statistics.median(end_to_end):6.2f} images/s  (rounds: {_fmt(end_to_end)})")
-    print(f"ratio      : {statistics.median(ratios):6.2f}x of model-only (rounds: {_fmt(ratios)})")
+            for decode in DECODES:
+                start = time.perf_counter()
+                results = list(clf.predict_files(paths, batch_size=args.batch_size, workers=args.workers,
+                                                 decode=decode))
+                end_to_end[decode].append(len(results) / (time.perf_counter() - start))
+                assert all(r.ok for r in results)
+        stages = {d: stage_times(clf, paths, d, args.batch_size) for d in DECODES} if args.stages else None
+
+    what = f"{args.size} (quality 90{f', grain sigma {args.grain:g}' if args.grain else ''})" if size else "photo-size"
+    print(f"backend {clf.runner.backend}, batch {args.batch_size}, {args.images} {what} JPEGs of {mb:.2f} MB on average, "
+          f"model input {side[0]}x{side[1]}, {torch.get_num_threads()} torch threads")
+    print(f"model only     : {statistics.median(model_only):6.2f} images/s  (rounds: {_fmt(model_only)})")
+    for decode in DECODES:
+        ratios = [e / m for e, m in zip(end_to_end[decode], model_only)]
+        print(f"predict {decode:6} : {statistics.median(end_to_end[decode]):6.2f} images/s  "
+              f"(rounds: {_fmt(end_to_end[decode])}); {statistics.median(ratios):.2f}x of model-only")
+    if stages:
+        print("\nper image, one thread (ms; share of the sum):")
+        print("| stage | " + " | ".join(f"{d} decode" for d in DECODES) + " |")
+        print("|---|" + "---|" * len(DECODES))
+        for stage in stages["exact"]:
+            cells = [f"{1000 * stages[d][stage]:.1f} ({100 * stages[d][stage] / sum(stages[d].values()):.0f} %)"
+                     for d in DECODES]
+            print(f"| {stage} | " + " | ".join(cells) + " |")
+        print("| sum | " + " | ".join(f"{1000 * sum(stages[d].values()):.1f}" for d in DECODES) + " |")
 
 
 def _fmt(values: list[float]) -> str:

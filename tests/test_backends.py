@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import numpy as np
 import pytest
@@ -10,7 +11,9 @@ import torch
 
 from conftest import read_json_lines
 from ecanfnet import build_model
-from ecanfnet.backends import BackendError, cached_onnx_export, make_runner, onnxruntime_available
+from ecanfnet import backends
+from ecanfnet.backends import (BackendError, cached_onnx_export, cpu_has_native_bf16, make_runner,
+                               onnxruntime_available, openvino_available, resolve_backend)
 from ecanfnet.cli import main
 from ecanfnet.folded import prepare_for_inference
 
@@ -58,10 +61,15 @@ def test_folding_leaves_the_source_model_untouched(trio):
     assert all(torch.equal(before[k], v) for k, v in ours.state_dict().items())
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "compile"])
+needs_openvino = pytest.mark.skipif(not openvino_available(), reason="openvino not installed")
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "compile", "openvino"])
 def test_fp32_backends_equal_timm(trio, backend):
     if backend == "onnxruntime" and not onnxruntime_available():
         pytest.skip("onnxruntime not installed")
+    if backend == "openvino" and not openvino_available():
+        pytest.skip("openvino not installed")
     _, ours, want = trio
     runner = make_runner(ours, backend, "fp32", compile_batch=X.shape[0])
     assert runner.backend == backend
@@ -80,16 +88,111 @@ def test_bf16_agrees_with_fp32(trio):
 
 
 def _native_bf16() -> bool:
-    from ecanfnet.backends import cpu_has_native_bf16
     return cpu_has_native_bf16()
+
+
+@needs_openvino
+def test_openvino_f32_is_exact_at_other_sizes(trio):
+    """One runner, dynamic batch and size: a square size after the non-square X; f32 despite a bf16-capable CPU."""
+    ref, ours, want = trio
+    runner = make_runner(ours, "openvino", "fp32")
+    y = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        want_y = ref(y)
+    assert rel_err(runner(y), want_y) <= 1e-5
+    assert rel_err(runner(X), want) <= 1e-5
+
+
+@needs_openvino
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (avx512_bf16/amx)")
+def test_openvino_bf16_agrees_with_fp32(trio):
+    _, ours, want = trio
+    runner = make_runner(ours, "openvino", "bf16")
+    got = runner(X)
+    assert got.dtype == torch.float32 and runner.precision == "bf16"
+    err = rel_err(got, want)
+    assert 1e-5 < err < 0.1  # really bf16 (f32 would be within 1e-5), yet close
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@needs_openvino
+def test_openvino_bf16_is_refused_without_native_bf16(trio, monkeypatch):
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(BackendError, match="only on CPUs with native bf16"):
+        make_runner(trio[1], "openvino", "bf16", device="cpu")
+
+
+def test_auto_picks_an_exact_backend(trio, monkeypatch):
+    _, ours, want = trio
+    runner = make_runner(ours, "auto")
+    assert runner.precision == "fp32" and runner.backend in ("openvino", "onnxruntime", "torch")
+    assert rel_err(runner(X), want) <= 1e-5
+    cpu = torch.device("cpu")
+    installed = {"openvino": True, "onnxruntime": True}
+    monkeypatch.setattr(backends, "openvino_available", lambda: installed["openvino"])
+    monkeypatch.setattr(backends, "onnxruntime_available", lambda: installed["onnxruntime"])
+    assert resolve_backend("auto", cpu) == "openvino"
+    installed["openvino"] = False
+    assert resolve_backend("auto", cpu) == "onnxruntime"
+    installed["onnxruntime"] = False
+    assert resolve_backend("auto", cpu) == "torch"
+    assert resolve_backend("auto", torch.device("cuda")) == "torch"
+
+
+@needs_openvino
+def test_openvino_ir_is_cached_and_a_damaged_one_rebuilt(trio, tmp_path, monkeypatch, caplog):
+    _, ours, want = trio
+    monkeypatch.setenv("ECANFNET_CACHE", str(tmp_path))
+    conversions, converted = [], backends.convert_openvino(ours)  # converted once, counted on every call
+    monkeypatch.setattr(backends, "convert_openvino", lambda model: conversions.append(1) or converted)
+    make_runner(ours, "openvino", "fp32")
+    xml = backends.openvino_cache_path(ours)
+    files = [xml, xml.with_suffix(".bin"), xml.with_suffix(".sha256")]
+    stamps = [f.stat().st_mtime_ns for f in files]
+    assert conversions == [1] and sorted(p.name for p in xml.parent.iterdir()) == sorted(f.name for f in files)
+    assert all(f.stat().st_mode & 0o777 == 0o666 & ~_umask() for f in files)
+    assert rel_err(make_runner(ours, "openvino", "fp32")(X), want) <= 1e-5
+    assert conversions == [1] and [f.stat().st_mtime_ns for f in files] == stamps  # reused, not rewritten
+    with open(files[1], "r+b") as f:  # a damaged weights file: the checksum no longer matches
+        f.truncate(files[1].stat().st_size // 2)
+    with caplog.at_level("WARNING", logger="ecanfnet"):
+        assert rel_err(make_runner(ours, "openvino", "fp32")(X), want) <= 1e-5
+    assert conversions == [1, 1] and "does not match its checksum" in caplog.text
+    xml.write_text("<net>damaged")  # unreadable, even with a checksum that matches
+    files[2].write_text(backends._ir_digest(xml) + "\n")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ecanfnet"):
+        assert rel_err(make_runner(ours, "openvino", "fp32")(X), want) <= 1e-5
+    assert conversions == [1, 1, 1] and "cannot be read" in caplog.text
+    assert sorted(p.name for p in xml.parent.iterdir()) == sorted(f.name for f in files)  # no temp files left
+
+
+@needs_openvino
+def test_openvino_runs_uncached_where_the_cache_cannot_be_written(trio, tmp_path, monkeypatch, caplog):
+    _, ours, want = trio
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("ECANFNET_CACHE", str(tmp_path / "cache"))
+    with caplog.at_level("WARNING", logger="ecanfnet"):
+        runner = make_runner(ours, "openvino", "fp32")
+    assert rel_err(runner(X), want) <= 1e-5
+    assert "cannot cache the OpenVINO model" in caplog.text and "cannot be read" not in caplog.text
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @pytest.mark.parametrize("backend, precision, message", [
     ("torch", "fp16", "fp16 needs a CUDA device"),
     ("onnxruntime", "bf16", "runs fp32 only"),
     ("tensorrt", "fp32", "backend must be auto or one of"),
+    ("openvino", "fp16", "runs fp32 or bf16"),
 ])
 def test_impossible_combinations_are_clear_errors(trio, backend, precision, message):
+    if backend == "openvino" and not openvino_available():
+        pytest.skip("openvino not installed")
     with pytest.raises(BackendError, match=message):
         make_runner(trio[1], backend, precision, device="cpu")
 
@@ -132,12 +235,13 @@ def test_predict_onnxruntime_gives_the_same_top5_as_torch(capsys, timm_hub_folde
 
 
 def test_bench_json_lines_are_well_formed(capsys):
-    code = main(["bench", "--backend", "torch", "onnxruntime", "--image-size", "64", "--batch-size", "2",
+    code = main(["bench", "--backend", "torch", "onnxruntime", "openvino", "--image-size", "64", "--batch-size", "2",
                  "--repeats", "2", "--warmup", "1", "--format", "json"])
     out, err = capsys.readouterr()
     assert code == 0
     rows = read_json_lines(out)
-    assert [(r["backend"], r["precision"]) for r in rows] == [("torch", "fp32"), ("onnxruntime", "fp32")]
+    assert [(r["backend"], r["precision"]) for r in rows] == [("torch", "fp32"), ("onnxruntime", "fp32"),
+                                                              ("openvino", "fp32")]
     for row in rows:
         assert set(row) == {"backend", "precision", "batch_size", "image_size", "images_per_s",
                             "ms_per_batch_p50", "peak_rss_mb"}
@@ -147,6 +251,9 @@ def test_bench_json_lines_are_well_formed(capsys):
     assert "randomly initialised" in err
 
 
-def test_onnxruntime_on_a_gpu_device_is_refused(trio):
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_cpu_only_backends_on_a_gpu_device_are_refused(trio, backend):
+    if not (onnxruntime_available() if backend == "onnxruntime" else openvino_available()):
+        pytest.skip(f"{backend} not installed")
     with pytest.raises(BackendError, match="runs on the CPU"):
-        make_runner(trio[1], "onnxruntime", "fp32", device="cuda")
+        make_runner(trio[1], backend, "fp32", device="cuda")

@@ -8,6 +8,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import photo_arrays
@@ -202,3 +203,37 @@ def test_border_mode_keeps_a_pixel_of_an_extreme_strip():
     strip = [x for x in range(64) if (pixels[:, x] == (200, 10, 10)).all()]
     assert out.size == (64, 64) and strip == [31]                     # the strip itself, one pixel, centred
     assert (np.delete(pixels, 31, axis=1) == (128, 128, 128)).all()  # the mean-colour padding around it
+
+
+def test_exact_decode_of_a_large_jpeg_still_equals_timm(tmp_path):
+    """The default decode is untouched by the fast path: a JPEG big enough to be reduced is read in full."""
+    from ecanfnet.transforms import REDUCED_FROM
+
+    path = tmp_path / "big.jpg"
+    Image.fromarray(PHOTOS["coffee"]).resize((1800, 1200), Image.Resampling.BICUBIC).save(path, quality=90)
+    img = load_image(path)
+    assert img.size == (1800, 1200) and REDUCED_FROM not in img.info
+    with Image.open(path) as ref_img:
+        ref = card_timm_transform()(ref_img.convert("RGB"))
+    assert (eval_transform(build_model().pretrained_cfg)(img) - ref).abs().max().item() <= 1e-6
+
+
+def test_min_decode_size_is_twice_the_resized_size_and_never_reduces_the_crop_only_path():
+    t = eval_transform(build_model().pretrained_cfg)  # center crop, 288, crop_pct 1.0
+    assert t.min_decode_size(4032, 3024) == (768, 576)   # resized 384 x 288
+    assert t.min_decode_size(3024, 4032) == (576, 768)
+    assert t.min_decode_size(20000, 4000) == (20000, 4000)  # 5:1 resizes only the crop: decoded in full
+
+
+def test_to_tensor_is_bit_equal_to_torchvision_for_every_pixel_value():
+    """to_tensor runs in numpy (off torch's thread pool); every uint8 value in every channel gives torchvision's float."""
+    from torchvision.transforms import Normalize, ToTensor
+
+    cfg = build_model().pretrained_cfg
+    values = np.stack([np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8)[::-1],
+                       (np.arange(256, dtype=np.uint8) * 7)], axis=-1).reshape(16, 16, 3)
+    img = Image.fromarray(values)
+    ours = eval_transform(cfg).to_tensor(img)
+    ref = Normalize(cfg["mean"], cfg["std"])(ToTensor()(img))
+    assert ours.dtype == ref.dtype and ours.is_contiguous() and ours.shape == (3, 16, 16)
+    assert torch.equal(ours, ref)

@@ -1,12 +1,16 @@
-"""Inference backends over the folded network: eager torch, torch.compile, ONNX Runtime; and exports."""
+"""Inference backends over the folded network: eager torch, torch.compile, ONNX Runtime, OpenVINO; and exports."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import shutil
+import tempfile
+import threading
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -15,8 +19,15 @@ from .fileio import write_atomically
 from .folded import PRECISIONS, FoldedECANFNet, prepare_for_inference
 from .model import ECANFNet
 
-BACKENDS = ("torch", "compile", "onnxruntime")
+if TYPE_CHECKING:
+    import openvino
+
+BACKENDS = ("torch", "compile", "onnxruntime", "openvino")
 ONNX_OPSET = 17
+# OpenVINO element types of the precisions it runs; the compiled model is asked for exactly this one.
+OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+
+logger = logging.getLogger("ecanfnet")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -35,10 +46,27 @@ def onnxruntime_available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
+def openvino_available() -> bool:
+    """Whether the optional openvino extra is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' -> the fastest exact (fp32) backend here: onnxruntime on CPU when installed, else torch."""
+    """'auto' -> the fastest exact (fp32) backend here.
+
+    On CPU: openvino when installed, else onnxruntime when installed, else torch (the order measured
+    with `ecanfnet bench` at batch 1 and 8, 288x288: docs/benchmarks.md). Elsewhere: torch. 'auto'
+    only ever names a backend; the precision stays what the caller asked (fp32 by default), so it
+    never switches to an inexact path such as bf16.
+    """
     if backend == "auto":
-        return "onnxruntime" if device.type == "cpu" and onnxruntime_available() else "torch"
+        if device.type != "cpu":
+            return "torch"
+        if openvino_available():
+            return "openvino"
+        return "onnxruntime" if onnxruntime_available() else "torch"
     if backend not in BACKENDS:
         raise BackendError(f"backend must be auto or one of {', '.join(BACKENDS)}, got {backend!r}")
     return backend
@@ -55,6 +83,16 @@ def check_combination(precision: str, backend: str, device: torch.device) -> Non
             raise BackendError(f"the onnxruntime backend runs fp32 only (asked for {precision}); use --backend torch")
         if device.type != "cpu":
             raise BackendError(f"the onnxruntime backend runs on the CPU (asked for {device}); use --backend torch")
+    if backend == "openvino":
+        if not openvino_available():
+            raise BackendError("the openvino backend needs the openvino extra: pip install 'ecanfnet[openvino]'")
+        if device.type != "cpu":
+            raise BackendError(f"the openvino backend runs on the CPU (asked for {device}); use --backend torch")
+        if precision not in OPENVINO_PRECISIONS:
+            raise BackendError(f"the openvino backend runs fp32 or bf16 (asked for {precision}); use --backend torch")
+        if precision == "bf16" and not cpu_has_native_bf16():
+            raise BackendError("the openvino backend runs bf16 only on CPUs with native bf16 (avx512_bf16/amx); "
+                               "use --precision fp32")
     if precision == "fp16" and device.type != "cuda":
         raise BackendError("fp16 needs a CUDA device; on CPU use bf16 (where supported) or fp32")
     if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
@@ -84,6 +122,8 @@ def make_runner(model: ECANFNet, backend: str = "auto", precision: str = "fp32",
     check_combination(precision, backend, device)
     if backend == "onnxruntime":
         return Runner(_onnxruntime_fn(model), backend, precision, device)
+    if backend == "openvino":
+        return Runner(_openvino_fn(model, precision), backend, precision, device)
     folded = prepare_for_inference(model, precision, channels_last=True, device=device)
     if backend == "compile":
         fn = _torch_fn(_compile(folded), device, PRECISIONS[precision], pad_to=compile_batch)
@@ -130,8 +170,44 @@ def _onnxruntime_fn(model: ECANFNet) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
+def openvino_threads() -> int:
+    """Threads OpenVINO may use: torch's setting (torch.set_num_threads), at most the CPUs this process may run on."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cpus))
+
+
+def _openvino_fn(model: ECANFNet, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    import openvino as ov
+
+    core = ov.Core()
+    want = OPENVINO_PRECISIONS[precision]
+    # The precision hint is always set: without it OpenVINO runs f32 models in bf16 on CPUs that have
+    # it (avx512_bf16/amx), which is not exact. LATENCY: one stream using every thread for each call;
+    # a THROUGHPUT hint (one stream per core, the batch split across them) measured within noise at
+    # batch 8 and half the speed at batch 1 on 2 cores (docs/benchmarks.md), so one setting serves all sizes.
+    config = {"INFERENCE_PRECISION_HINT": want, "PERFORMANCE_HINT": "LATENCY",
+              "INFERENCE_NUM_THREADS": openvino_threads()}
+    compiled = core.compile_model(cached_openvino_model(model, core), "CPU", config)
+    got = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    if got != want:
+        raise BackendError(f"OpenVINO compiled the model for {got}, not the {want} asked for; "
+                           "use --backend onnxruntime")
+    request = compiled.create_infer_request()
+    lock = threading.Lock()  # one infer request, whose output buffer is reused: one call at a time
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        array = batch.float().contiguous().numpy()
+        with lock:
+            request.infer({0: array}, share_inputs=True)
+            return torch.from_numpy(request.get_output_tensor(0).data.copy())
+    return run
+
+
 def cache_dir() -> Path:
-    """Where ONNX exports are kept between runs ($ECANFNET_CACHE, else $XDG_CACHE_HOME/ecanfnet)."""
+    """Where ONNX exports and OpenVINO models are kept ($ECANFNET_CACHE, else $XDG_CACHE_HOME/ecanfnet)."""
     root = os.environ.get("ECANFNET_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ecanfnet"
     return Path(root)
 
@@ -151,6 +227,87 @@ def cached_onnx_export(model: ECANFNet) -> Path:
     if not path.is_file():
         export_onnx(model, path, check=False)
     return path
+
+
+def openvino_cache_path(model: ECANFNet) -> Path:
+    """The .xml of the folded network's OpenVINO IR in cache_dir() (its weights: the .bin beside it)."""
+    import openvino as ov
+
+    version = ov.get_version().split("-")[0]
+    return cache_dir() / "openvino" / f"{model.name}-{weights_fingerprint(model)}-ov{version}.xml"
+
+
+def _ir_digest(xml: Path) -> str:
+    """SHA-256 over an IR's .xml and .bin: the cache's seal, written last and checked on every load."""
+    digest = hashlib.sha256()
+    for path in (xml, xml.with_suffix(".bin")):
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cached_openvino_model(model: ECANFNet, core) -> openvino.Model:
+    """The folded fp32 network as an OpenVINO model, converted once per set of weights into cache_dir().
+
+    The IR is two files (.xml, .bin) sealed by a third (.sha256) written last; a missing or failed
+    seal (an interrupted or damaged cache entry) makes it convert and write them again.
+    """
+    xml = openvino_cache_path(model)
+    seal = xml.with_suffix(".sha256")
+    try:
+        if seal.read_text().strip() == _ir_digest(xml):
+            return core.read_model(str(xml))
+        logger.warning("cached OpenVINO model %s does not match its checksum; converting it again", xml)
+    except (FileNotFoundError, NotADirectoryError):  # not cached yet
+        pass
+    except (OSError, RuntimeError) as exc:
+        lines = [line for line in str(exc).splitlines() if line.strip()]  # OpenVINO's reason is its last line
+        logger.warning("cached OpenVINO model %s cannot be read (%s); converting it again", xml,
+                       lines[-1].strip() if lines else type(exc).__name__)
+    ov_model = convert_openvino(model)
+    try:
+        save_openvino(ov_model, xml)
+        write_atomically(seal, lambda tmp: Path(tmp).write_text(_ir_digest(xml) + "\n"))
+    except OSError as exc:  # a read-only or full cache: run uncached rather than fail
+        logger.warning("cannot cache the OpenVINO model in %s (%s); converting on every run", xml.parent,
+                       exc.strerror or exc)
+        return ov_model
+    # Read back rather than keep the converted model: its constants share memory with the folded
+    # torch copy, while read_model maps the .bin, so the weights are held once either way.
+    return core.read_model(str(xml))
+
+
+def convert_openvino(model: ECANFNet) -> openvino.Model:
+    """The folded fp32 CPU network converted to OpenVINO, with dynamic batch, height and width."""
+    import openvino as ov
+
+    folded = prepare_for_inference(model, "fp32", channels_last=False, device="cpu")
+    channels = folded.stem[0].in_channels
+    example = torch.randn(1, channels, 64, 64, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracing warnings about Python-side shape arithmetic
+        ov_model = ov.convert_model(folded, example_input=example, input=[ov.PartialShape([-1, channels, -1, -1])])
+    ov_model.inputs[0].get_tensor().set_names({"images"})
+    ov_model.outputs[0].get_tensor().set_names({"logits"})
+    return ov_model
+
+
+def save_openvino(ov_model: openvino.Model, xml: Path) -> None:
+    """Write an OpenVINO model as IR (.xml + .bin, fp32 weights kept as they are), each file atomically."""
+    import openvino as ov
+
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    folder = tempfile.mkdtemp(dir=xml.parent, prefix=f".{xml.stem}.")
+    try:
+        staged = Path(folder) / "model.xml"
+        # compress_to_fp16 defaults to True: it would round every weight to fp16.
+        ov.save_model(ov_model, str(staged), compress_to_fp16=False)
+        # The .xml names no weights file: read_model takes the .bin of the same stem, written first.
+        for src, dst in ((staged.with_suffix(".bin"), xml.with_suffix(".bin")), (staged, xml)):
+            write_atomically(dst, lambda tmp, src=src: os.replace(src, tmp))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _export_inputs(model: ECANFNet, image_size: int | tuple[int, int]) -> tuple[FoldedECANFNet, torch.Tensor]:

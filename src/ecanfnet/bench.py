@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .backends import BACKENDS, cpu_has_native_bf16, make_runner, onnxruntime_available
+from .backends import BACKENDS, cpu_has_native_bf16, make_runner, onnxruntime_available, openvino_available
 from .errors import BackendError
 from .model import ECANFNet
 
@@ -21,8 +21,12 @@ def available_configs(device: torch.device) -> list[tuple[str, str]]:
     configs = [("torch", "fp32"), ("compile", "fp32")]
     if device.type == "cpu" and onnxruntime_available():
         configs.append(("onnxruntime", "fp32"))
+    if device.type == "cpu" and openvino_available():
+        configs.append(("openvino", "fp32"))
     if device.type == "cuda" or cpu_has_native_bf16():
         configs += [("torch", "bf16"), ("compile", "bf16")]
+    if device.type == "cpu" and openvino_available() and cpu_has_native_bf16():
+        configs.append(("openvino", "bf16"))
     if device.type == "cuda":
         configs += [("torch", "fp16"), ("compile", "fp16")]
     return configs

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .inference import ImageResult
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-BACKEND_CHOICES = ("auto", "torch", "compile", "onnxruntime")
+BACKEND_CHOICES = ("auto", "torch", "compile", "onnxruntime", "openvino")
 PRECISION_CHOICES = ("fp32", "bf16", "fp16")
 # Fewer images than this: `auto` uses eager torch, whose setup is instant; ONNX Runtime's session
 # set-up (and first-time export) costs more than it saves on a handful of images.
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=_positive_int, default=None, metavar="N",
                    help="refuse images with more pixels than this (default 89,478,485)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _add_decode_option(p)
     _add_backend_options(p)
     p.set_defaults(func=run_predict)
 
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--format", choices=("table", "json"), default="table")
     _add_device_option(v)
     v.add_argument("--no-progress", action="store_true", help="no progress on stderr")
+    _add_decode_option(v)
     v.set_defaults(func=run_evaluate)
 
     m = sub.add_parser("embed", help="pooled 2304-d embeddings of images, for retrieval and deduplication",
@@ -164,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per resumable shard (default 4096)")
     m.add_argument("--workers", type=_positive_int, default=None, metavar="N", help="image decoding threads")
     m.add_argument("--no-progress", action="store_true")
+    _add_decode_option(m)
     _add_device_option(m, "auto (default: under torchrun the rank's own GPU, else CUDA if available), cpu, cuda:1, ...")
     _add_backend_options(m)
     m.set_defaults(func=run_embed)
@@ -216,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decode-workers", type=_positive_int, default=None, metavar="N",
                    help="image decoding threads (default: one per CPU, at most 8); at most 2N decodes are queued "
                         "or running, and a decode that cannot start within half of --timeout-s gets 503")
+    _add_decode_option(s)
     s.add_argument("--api-key", default=None, metavar="KEY",
                    help="require this key (printable ASCII; Authorization: Bearer KEY or X-API-Key: KEY) on /v1/*; "
                         "default: $ECANFNET_API_KEY, else none")
@@ -232,10 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_backend_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
-                   help="auto (default: onnxruntime on CPU when installed and there are many images, "
-                        "else torch), torch, compile, onnxruntime")
+                   help="auto (default: the fastest exact backend installed, on CPU openvino, else "
+                        "onnxruntime, when there are many images; else torch), torch, compile, onnxruntime, openvino")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32",
                    help="fp32 (default, exact), bf16 (CUDA, or CPUs with native bf16), fp16 (CUDA)")
+
+
+def _add_decode_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--decode", choices=("exact", "fast"), default="exact",
+                   help="exact (default: the same pixels as timm) or fast: JPEGs decoded at 1/2, 1/4 or 1/8 scale "
+                        "in libjpeg, never below twice the resized size (faster on large photos, not bit-equal)")
 
 
 def _add_device_option(p: argparse.ArgumentParser,
@@ -335,7 +345,7 @@ def run_predict(args: argparse.Namespace) -> int:
         failed += 1
     with bar:
         for result in classifier.predict_files(paths, args.top_k, args.batch_size, args.workers,
-                                               args.max_pixels or MAX_IMAGE_PIXELS):
+                                               args.max_pixels or MAX_IMAGE_PIXELS, args.decode):
             emit(result, bar.write)
             failed += not result.ok
             bar.update(1)
@@ -471,7 +481,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     model = create_model(pretrained=args.weights if args.weights is not None else True)
     try:
         report = evaluate_folder(model, args.data, args.batch_size, args.workers,
-                                 forward=make_runner(model, "torch", "fp32", device), progress=not args.no_progress)
+                                 forward=make_runner(model, "torch", "fp32", device), progress=not args.no_progress,
+                                 decode=args.decode)
     except (FileNotFoundError, ValueError) as exc:
         _error(str(exc))
         return EXIT_FAILED
@@ -505,7 +516,7 @@ def run_embed(args: argparse.Namespace) -> int:
     summary = embed_files(paths, args.output, weights=args.weights if args.weights is not None else True,
                           normalize=args.normalize, batch_size=args.batch_size, shard_size=args.shard_size,
                           backend=_backend_for(args.backend, len(paths)), precision=args.precision, workers=args.workers,
-                          progress=not args.no_progress, device=device)
+                          progress=not args.no_progress, device=device, decode=args.decode)
     if summary.rank == 0:  # the other ranks leave the merge to rank 0
         print(f"wrote {summary.count} x {summary.dim} vectors to {printable(summary.output)} "
               f"({len(summary.errors)} unreadable files skipped, listed in the .json)")
@@ -570,6 +581,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
             max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels, timeout_s=args.timeout_s,
             body_timeout_s=args.body_timeout_s, api_key=api_key, decode_workers=args.decode_workers or 0,
+            decode=args.decode,
             allowed_hosts=tuple(h.lower() for h in args.allow_host) if loopback else None)
         print(f"ecanfnet: serving {engine.name} ({engine.backend}, {engine.precision}) on "
               f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)

@@ -172,12 +172,13 @@ def embed_files(paths: list[str], output: str | Path, weights: WeightsSource | b
                 model: ECANFNet | None = None, normalize: bool = False, batch_size: int = 32,
                 shard_size: int = 4096, backend: str = "auto", precision: str = "fp32",
                 workers: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS, progress: bool = True,
-                device: str | torch.device | None = None) -> EmbedSummary:
+                device: str | torch.device | None = None, decode: str = "exact") -> EmbedSummary:
     """Embed every readable image in paths into OUT.npy (+ .paths.txt, .json); resumable, torchrun-aware.
 
     weights: any weights source (True: the published checkpoint); ignored when model is given.
     The model passed in loses its classifier (see embedding_model).
     device: where the model runs (default: under torchrun the rank's own GPU, else CUDA when available, else CPU).
+    decode: "exact" or "fast" (JPEGs decoded at a reduced DCT scale, see load_image); part of the resume plan.
     Refuses (EmbedError) to replace an OUT.json or OUT.paths.txt this tool did not write.
     """
     out = EmbedOutput(Path(output))
@@ -186,6 +187,8 @@ def embed_files(paths: list[str], output: str | Path, weights: WeightsSource | b
     device = _run_device(device, rank_device)
     net = embedding_model(model if model is not None else create_model(pretrained=weights))
     plan = _plan(paths, net, normalize, shard_size, weights if model is None else None)
+    if decode != "exact":  # recorded only when not the default, so earlier exact runs still resume
+        plan["decode"] = decode
     manifest = _finished_manifest(out, plan)
     if manifest is not None:
         say(f"{printable(out.vectors)} is complete for these files and weights; nothing to do", rank)
@@ -207,7 +210,7 @@ def embed_files(paths: list[str], output: str | Path, weights: WeightsSource | b
     bar = _progress(sum(len(plan["shards"][i]) for i in todo), progress and rank == 0)
     for i in todo:
         _embed_shard(out, i, plan["shards"][i], runner, transform, net.num_features, normalize,
-                     batch_size, workers, max_pixels, bar)
+                     batch_size, workers, max_pixels, bar, decode)
     bar.close()
     barrier()
 
@@ -326,9 +329,9 @@ def _shard_problem(out: EmbedOutput, i: int, plan: dict[str, Any]) -> str | None
 
 
 def _embed_shard(out: EmbedOutput, i: int, paths: list[str], runner, transform, dim: int, normalize: bool,
-                 batch_size: int, workers: int | None, max_pixels: int, bar) -> None:
+                 batch_size: int, workers: int | None, max_pixels: int, bar, decode: str = "exact") -> None:
     matrix, good, errors = embed_paths(paths, runner, transform, dim, normalize, batch_size, workers, max_pixels,
-                                       on_batch=bar.update)
+                                       on_batch=bar.update, decode=decode)
     for err in errors:
         bar.write(f"ecanfnet: skipped {printable(err['error'])}", file=sys.stderr)
     write_atomically(_shard_file(out, i, ".npy"), lambda tmp: _save_npy(tmp, matrix))
@@ -338,13 +341,14 @@ def _embed_shard(out: EmbedOutput, i: int, paths: list[str], runner, transform, 
 def embed_paths(paths: list[str], runner: Callable[[torch.Tensor], torch.Tensor], transform: Callable,
                 dim: int, normalize: bool = False, batch_size: int = 32, workers: int | None = None,
                 max_pixels: int = MAX_IMAGE_PIXELS, on_batch: Callable[[int], Any] | None = None,
-                ) -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
+                decode: str = "exact") -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
     """Embed files with a runner: (float32 matrix of the readable ones, their paths, {path, error} of the rest)."""
     errors = [{"path": p, "error": f"{p!r}: the path contains a newline, which OUT.paths.txt cannot hold"}
               for p in paths if "\n" in p]
     vectors: list[np.ndarray] = []
     good: list[str] = []
-    for items in decoded_batches([p for p in paths if "\n" not in p], transform, batch_size, workers, max_pixels):
+    for items in decoded_batches([p for p in paths if "\n" not in p], transform, batch_size, workers, max_pixels,
+                                 decode):
         tensors = [t for _, t, _ in items if t is not None]
         if tensors:
             vectors.append(_finish(runner(torch.stack(tensors)), normalize))

@@ -11,7 +11,7 @@ import stat
 import struct
 import threading
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable, Union
 
 import numpy as np
 import torch
@@ -47,16 +47,33 @@ class ImageTooLarge(ImageLoadError):
     """An image over the pixel limit, refused before decoding."""
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+DECODE_MODES = ("exact", "fast")
+# The fast decode never reduces a JPEG below this many times the size the resize step produces, so the
+# bicubic downscale that follows still averages real pixels.
+FAST_DECODE_MARGIN = 2
+_DRAFT_SCALES = (8, 4, 2)  # the DCT-domain reductions libjpeg offers (Pillow's JpegImageFile.draft)
+
+# The smallest upright (width, height) an image may be decoded at: a fixed size, or a function of the
+# image's full upright size (EvalTransform.min_decode_size).
+MinSize = Union[tuple[int, int], Callable[[int, int], tuple[int, int]]]
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS, decode: str = "exact",
+               min_size: MinSize | None = None) -> Image.Image:
     """Open, fully decode and return an RGB image with its EXIF orientation applied.
 
+    decode="fast" lets libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale in the DCT domain, never
+    below min_size (upright width, height; or a function of the full upright size giving it). Other
+    formats, and JPEGs too small to reduce, are decoded exactly. All limits apply to both paths, to
+    the full size the header declares.
     Raises ImageLoadError naming the file for empty, truncated, unrecognised, oversized or
     non-regular files (a FIFO, socket or device is refused without reading from it).
     """
     name = os.fspath(path)
+    draft = _draft_rule(decode, min_size)
     fh, size = _open_regular_file(name)
     with fh:
-        return _decode(fh, name, size == 0, max_pixels)
+        return _decode(fh, name, size == 0, max_pixels, draft)
 
 
 def _open_regular_file(name: str) -> tuple[BinaryIO, int]:
@@ -81,9 +98,77 @@ def _refuse_special(name: str, mode: int) -> None:
         raise ImageLoadError(f"{name}: not a regular file ({_file_kind(mode)})")
 
 
-def decode_image(data: bytes, name: str = "upload", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def decode_image(data: bytes, name: str = "upload", max_pixels: int = MAX_IMAGE_PIXELS, decode: str = "exact",
+                 min_size: MinSize | None = None) -> Image.Image:
     """load_image for bytes in memory (an upload); errors name the image as `name`."""
-    return _decode(io.BytesIO(data), name, len(data) == 0, max_pixels)
+    return _decode(io.BytesIO(data), name, len(data) == 0, max_pixels, _draft_rule(decode, min_size))
+
+
+def _draft_rule(decode: str, min_size: MinSize | None) -> Callable[[int, int], tuple[int, int]] | None:
+    """For decode="fast", the minimum upright size as a function of the full upright size; None: exact."""
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    if decode == "exact":
+        return None
+    if min_size is None:
+        raise ValueError('decode="fast" needs min_size: the smallest size the image may be decoded at')
+    if callable(min_size):
+        return min_size
+    fixed = (int(min_size[0]), int(min_size[1]))
+    return lambda width, height: fixed
+
+
+# A fast-decoded image's info holds, under this key, (box, (width, height)): the region of the reduced,
+# upright image that the full image covers (a Pillow resize box) and the full upright size. EvalTransform
+# resizes that box to the size the full image would get, so the geometry is exactly the exact path's.
+REDUCED_FROM = "ecanfnet.reduced_from"
+
+
+def _apply_draft(img: Image.Image, min_size: Callable[[int, int], tuple[int, int]]
+                 ) -> tuple[tuple[float, float, float, float], tuple[int, int]] | None:
+    """Ask libjpeg for the largest DCT reduction still covering min_size(full upright size); (box, full size) or None.
+
+    The reduction applies to the image as stored, before the EXIF transpose: for orientations 5-8
+    (a quarter turn) the stored width is the upright height. Non-JPEG images are left as they are.
+    """
+    if img.format not in ("JPEG", "MPO"):
+        return None
+    method = _exif_transpose_method(img)
+    turned = method in _QUARTER_TURNS
+    width, height = img.size  # stored
+    need_w, need_h = min_size(*((height, width) if turned else (width, height)))
+    if turned:
+        need_w, need_h = need_h, need_w  # in stored orientation, where the reduction applies
+    for scale in _DRAFT_SCALES:
+        if -(-width // scale) >= need_w and -(-height // scale) >= need_h:  # libjpeg rounds the reduced size up
+            # (width // scale, height // scale) makes Pillow pick exactly this scale (see JpegImageFile.draft)
+            if img.draft("RGB", (max(1, width // scale), max(1, height // scale))) is not None:
+                region = _upright_region(img.size, (width / scale, height / scale), method)
+                return region, ((height, width) if turned else (width, height))
+            return None
+    return None
+
+
+_QUARTER_TURNS = (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
+                  Image.Transpose.ROTATE_90)
+
+
+def _upright_region(size: tuple[int, int], covered: tuple[float, float],
+                    method: Image.Transpose | None) -> tuple[float, float, float, float]:
+    """Where the full image lies in the reduced one after the EXIF transpose, as a Pillow resize box.
+
+    libjpeg rounds a reduced side up, so the last stored row and column may hold less than a whole
+    source pixel: the full image covers (0, 0, W/scale, H/scale) of the stored reduced image, and a
+    flip or turn moves that partial edge to another side.
+    """
+    (w, h), (cw, ch) = size, covered
+    flip_x = method in (Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_90,
+                        Image.Transpose.TRANSVERSE)  # stored x runs right to left once upright
+    flip_y = method in (Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270,
+                        Image.Transpose.TRANSVERSE)  # stored y runs bottom to top once upright
+    x0, x1 = (w - cw, w) if flip_x else (0.0, cw)
+    y0, y1 = (h - ch, h) if flip_y else (0.0, ch)
+    return (y0, x0, y1, x1) if method in _QUARTER_TURNS else (x0, y0, x1, y1)
 
 
 def _file_kind(mode: int) -> str:
@@ -92,16 +177,21 @@ def _file_kind(mode: int) -> str:
     return next((kind for test, kind in kinds if test(mode)), "a special file")
 
 
-def _decode(source: BinaryIO, name: str, empty: bool, max_pixels: int) -> Image.Image:
+def _decode(source: BinaryIO, name: str, empty: bool, max_pixels: int,
+            draft: Callable[[int, int], tuple[int, int]] | None = None) -> Image.Image:
     if empty:
         raise ImageLoadError(f"{name}: empty file (0 bytes)")
     _let_pillow_open_up_to(max_pixels)
     try:
         _check_icon_entries(source, name, max_pixels)
         with Image.open(source, formats=OPEN_FORMATS) as img:
-            _check_size(name, img.width, img.height, img.mode, max_pixels)
+            _check_size(name, img.width, img.height, img.mode, max_pixels)  # the full size, draft or not
+            reduced = _apply_draft(img, draft) if draft is not None else None
             img.load()
-            return _oriented_rgb(img, release=True)
+            out = _oriented_rgb(img, release=True)
+            if reduced is not None:  # where the full image lies in the reduced one, for EvalTransform's resize
+                out.info[REDUCED_FROM] = reduced
+            return out
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as exc:
@@ -334,10 +424,18 @@ class EvalTransform:
         self.fill = tuple(round(255 * v) for v in mean) if crop_mode == "border" else (0, 0, 0)
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
+        self._mean_np, self._std_np = self.mean.numpy(), self.std.numpy()  # float32, as torch rounds them
 
     def resize_and_crop(self, img: Image.Image) -> Image.Image:
-        """The geometric part: the crop mode's resize, then the centered (H, W) crop (padded where smaller)."""
-        size = self._resized_size(*img.size)
+        """The geometric part: the crop mode's resize, then the centered (H, W) crop (padded where smaller).
+
+        A fast-decoded image (REDUCED_FROM in its info) is resized as its full size would be, from the
+        region the full image covers, so only the pixel values differ from the exact path.
+        """
+        reduced = img.info.get(REDUCED_FROM)
+        size = self._resized_size(*(reduced[1] if reduced else img.size))
+        if reduced:  # min_decode_size kept such images off the crop-only path
+            return _center_crop_or_pad(img.resize(size, self.filter, box=reduced[0]), self.image_size, self.fill)
         if size[0] * size[1] > MAX_RESIZE_AREA_FACTOR * max(self.scale_size) ** 2:
             return self._resize_only_the_crop(img, size)
         if size != img.size:
@@ -394,10 +492,33 @@ class EvalTransform:
         # at least one pixel: in border mode a 4 x 100000 strip would round to width 0 (timm fails there)
         return max(1, round(width / ratio)), max(1, round(height / ratio))
 
+    def min_decode_size(self, width: int, height: int) -> tuple[int, int]:
+        """The smallest (width, height) a fast decode may give an upright image of this full size.
+
+        FAST_DECODE_MARGIN x the size the resize step makes of it; the full size itself (no reduction)
+        where the resize would take the crop-only path of extreme aspect ratios.
+        """
+        resized_w, resized_h = self._resized_size(width, height)
+        if resized_w * resized_h > MAX_RESIZE_AREA_FACTOR * max(self.scale_size) ** 2:
+            return width, height
+        return FAST_DECODE_MARGIN * resized_w, FAST_DECODE_MARGIN * resized_h
+
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        pixels = torch.from_numpy(np.asarray(self.resize_and_crop(img), dtype=np.uint8).copy())
-        x = pixels.permute(2, 0, 1).to(torch.float32).div(255)
-        return x.sub_(self.mean).div_(self.std)
+        return self.to_tensor(self.resize_and_crop(img))
+
+    def to_tensor(self, img: Image.Image) -> torch.Tensor:
+        """The (H, W) RGB crop -> normalised (3, H, W) float32, as torchvision's ToTensor + Normalize compute it.
+
+        In numpy, the same float32 operations in the same order (x / 255, - mean, / std; bit-equal to
+        torch's), because it runs in the decoding threads: small torch ops there go through torch's
+        intra-op thread pool, which the model is using, and measured 10-30 ms an image instead of < 1 ms
+        (docs/benchmarks.md, per-stage times).
+        """
+        x = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32, order="C")  # one contiguous copy
+        np.divide(x, np.float32(255), out=x)
+        np.subtract(x, self._mean_np, out=x)
+        np.divide(x, self._std_np, out=x)
+        return torch.from_numpy(x)
 
 
 def _resample_all_then_crop(img: Image.Image, axis: int, resized: int, start: int, kept: int,

@@ -77,7 +77,7 @@ class Server:
 
 @pytest.fixture(scope="package")
 def server(timm_hub_folder):
-    """The default configuration (backend auto: ONNX Runtime on this CPU), batches of up to 8."""
+    """The default configuration (backend auto: OpenVINO on this CPU where installed), batches of up to 8."""
     srv = Server(timm_hub_folder, "--max-batch", "8", "--max-wait-ms", "20")
     yield srv
     srv.stop()

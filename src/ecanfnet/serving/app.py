@@ -47,6 +47,7 @@ class ServeSettings:
     body_timeout_s: float = 10.0            # to receive the whole body, before the request is admitted -> 408
     api_key: str | None = None
     decode_workers: int = 0                 # 0: one per CPU, at most 8
+    decode: str = "exact"                   # "fast": JPEGs at a reduced DCT scale (load_image)
     allowed_hosts: tuple[str, ...] | None = None  # Host header names accepted besides loopback ones; None: any
 
 
@@ -195,7 +196,8 @@ class ImageRequests:
         # queued: the other half is for the decode itself and the batch, so started work gets answered.
         start_by = time.monotonic() + self.settings.timeout_s / 2
         try:
-            image = await self.decoder.run(start_by, _preprocess, self.engine, data, name, self.settings.max_pixels)
+            image = await self.decoder.run(start_by, _preprocess, self.engine, data, name, self.settings.max_pixels,
+                                           self.settings.decode)
         except DecodeBusy:
             raise HTTPException(503, "server busy: image decoding is backed up",
                                 headers={"Retry-After": "1"}) from None
@@ -361,10 +363,13 @@ async def _multipart_file(request: Request, body: bytes) -> tuple[bytes, str]:
     return data, name
 
 
-def _preprocess(engine: InferenceEngine, data: bytes, name: str, max_pixels: int) -> torch.Tensor:
+def _preprocess(engine: InferenceEngine, data: bytes, name: str, max_pixels: int,
+                decode: str = "exact") -> torch.Tensor:
     """Decode + eval transform (in a worker thread); image errors become 413/422 naming the reason."""
     try:
-        return engine.transform(decode_image(data, name, max_pixels))
+        if decode == "exact":
+            return engine.transform(decode_image(data, name, max_pixels))
+        return engine.transform(decode_image(data, name, max_pixels, decode, engine.transform.min_decode_size))
     except ImageTooLarge as exc:
         raise HTTPException(413, str(exc)) from None
     except ImageLoadError as exc:

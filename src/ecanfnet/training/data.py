@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..files import walk_image_files
-from ..transforms import ImageLoadError, load_image
+from ..transforms import DECODE_MODES, ImageLoadError, load_image
 
 
 def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
@@ -36,9 +36,13 @@ def _links_to_ancestor(folder: Path, root: Path) -> bool:
 class ImageFolderDataset(Dataset):
     """(image tensor, label) pairs; an unreadable file yields (None, label, reason) for the collate to drop."""
 
-    def __init__(self, samples: list[tuple[str, int]], transform: Callable[[Any], torch.Tensor]) -> None:
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable[[Any], torch.Tensor],
+                 decode: str = "exact") -> None:
         self.samples = samples
         self.transform = transform
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+        self.decode = decode  # "fast": JPEGs at a reduced DCT scale, for an EvalTransform only (see load_image)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -46,7 +50,10 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str | None]:
         path, label = self.samples[index]
         try:
-            return self.transform(load_image(path)), label, None
+            if self.decode == "exact":
+                return self.transform(load_image(path)), label, None
+            img = load_image(path, decode=self.decode, min_size=self.transform.min_decode_size)
+            return self.transform(img), label, None
         except ImageLoadError as exc:
             return None, label, str(exc)
 

@@ -100,14 +100,16 @@ def map_class_folders(folders: list[str], pretrained_cfg: dict[str, Any], num_cl
 @torch.no_grad()
 def evaluate_folder(model: torch.nn.Module, data: str | Path, batch_size: int = 32, workers: int = 0,
                     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    progress: bool = False) -> EvalReport:
-    """Evaluate on DATA/CLASS/IMAGE with the checkpoint's own eval preprocessing and labels (progress: on stderr)."""
+                    progress: bool = False, decode: str = "exact") -> EvalReport:
+    """Evaluate on DATA/CLASS/IMAGE with the checkpoint's own eval preprocessing and labels (progress: on stderr).
+
+    decode="fast": JPEGs decoded at a reduced DCT scale (see load_image)."""
     from ..progress import progress as progress_reporter
 
     folders, samples = scan_image_folder(data)
     mapping = map_class_folders(folders, model.pretrained_cfg, model.num_classes)
     samples = [(path, mapping[i]) for path, i in samples]
-    loader = DataLoader(ImageFolderDataset(samples, eval_transform(model.pretrained_cfg)), batch_size,
+    loader = DataLoader(ImageFolderDataset(samples, eval_transform(model.pretrained_cfg), decode), batch_size,
                         num_workers=workers, collate_fn=collate_skipping_bad)
     forward = forward or model.eval()
     tally, skipped = Tally(), []
