@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import photo_arrays, random_crop  # noqa: E402
 
 from ecanfnet import Classifier, build_model  # noqa: E402
-from ecanfnet.inference import image_loader  # noqa: E402
+from ecanfnet.transforms import image_loader  # noqa: E402
 
 FOLDERS = {"4032x3024": ((4032, 3024), 0.0), "4032x3024 + grain": ((4032, 3024), 4.0), "640x480": ((640, 480), 0.0)}
 

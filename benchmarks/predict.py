@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import photo_arrays, random_crop  # noqa: E402
 
 from ecanfnet import Classifier, build_model  # noqa: E402
-from ecanfnet.inference import image_loader  # noqa: E402
+from ecanfnet.transforms import image_loader  # noqa: E402
 
 DECODES = ("exact", "fast")
 

@@ -212,7 +212,7 @@ def test_exact_decode_of_a_large_jpeg_still_equals_timm(tmp_path):
     path = tmp_path / "big.jpg"
     Image.fromarray(PHOTOS["coffee"]).resize((1800, 1200), Image.Resampling.BICUBIC).save(path, quality=90)
     img = load_image(path)
-    assert img.size == (1800, 1200) and REDUCED_FROM not in img.info
+    assert img.size == (1800, 1200) and not hasattr(img, REDUCED_FROM)
     with Image.open(path) as ref_img:
         ref = card_timm_transform()(ref_img.convert("RGB"))
     assert (eval_transform(build_model().pretrained_cfg)(img) - ref).abs().max().item() <= 1e-6
@@ -237,3 +237,20 @@ def test_to_tensor_is_bit_equal_to_torchvision_for_every_pixel_value():
     ref = Normalize(cfg["mean"], cfg["std"])(ToTensor()(img))
     assert ours.dtype == ref.dtype and ours.is_contiguous() and ours.shape == (3, 16, 16)
     assert torch.equal(ours, ref)
+
+
+def test_a_files_own_text_chunks_cannot_forge_the_fast_decode_marker(tmp_path):
+    """PNG text chunks land in img.info; one named like the old marker made the exact path raise TypeError."""
+    from PIL import PngImagePlugin
+
+    from ecanfnet.transforms import decode_image
+
+    meta = PngImagePlugin.PngInfo()
+    for key in ("ecanfnet.reduced_from", "_ecanfnet_reduced_from"):
+        meta.add_text(key, "xy")
+    buf = io.BytesIO()
+    Image.fromarray(PHOTOS["coffee"]).save(buf, "PNG", pnginfo=meta)
+    transform = eval_transform(build_model().pretrained_cfg)
+    for decode in ("exact", "fast"):
+        img = decode_image(buf.getvalue(), "forged.png", decode=decode, min_size=transform.min_decode_size)
+        assert transform(img).shape == (3, 288, 288)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -76,6 +77,8 @@ def check_combination(precision: str, backend: str, device: torch.device) -> Non
     """Refuse combinations that cannot run; warn for bf16 on a CPU that only emulates it."""
     if precision not in PRECISIONS:
         raise BackendError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise BackendError("fp16 needs a CUDA device; on CPU use bf16 (where supported) or fp32")
     if backend == "onnxruntime":
         if not onnxruntime_available():
             raise BackendError("the onnxruntime backend needs the onnx extra: pip install 'ecanfnet[onnx]'")
@@ -93,8 +96,6 @@ def check_combination(precision: str, backend: str, device: torch.device) -> Non
         if precision == "bf16" and not cpu_has_native_bf16():
             raise BackendError("the openvino backend runs bf16 only on CPUs with native bf16 (avx512_bf16/amx); "
                                "use --precision fp32")
-    if precision == "fp16" and device.type != "cuda":
-        raise BackendError("fp16 needs a CUDA device; on CPU use bf16 (where supported) or fp32")
     if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         warnings.warn("this CPU has no native bf16 (avx512_bf16/amx); bf16 is emulated and much slower "
                       "than fp32 here", stacklevel=3)
@@ -254,14 +255,36 @@ def cached_openvino_model(model: ECANFNet, core) -> openvino.Model:
     seal (an interrupted or damaged cache entry) makes it convert and write them again.
     """
     xml = openvino_cache_path(model)
+    with _cache_lock(xml):  # another process converting the same weights finishes first; then its entry is read
+        return _read_or_convert(model, core, xml)
+
+
+@contextlib.contextmanager
+def _cache_lock(xml: Path):
+    """An exclusive lock on the cache entry of xml across processes (none where the cache cannot be written)."""
+    import fcntl
+
+    try:
+        xml.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(xml.with_suffix(".lock"), "a")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _read_or_convert(model: ECANFNet, core, xml: Path) -> openvino.Model:
+    """The sealed cached IR at xml when intact, else a fresh conversion written there (see cached_openvino_model)."""
     seal = xml.with_suffix(".sha256")
     try:
-        if seal.read_text().strip() == _ir_digest(xml):
+        if seal.read_text(errors="replace").strip() == _ir_digest(xml):
             return core.read_model(str(xml))
         logger.warning("cached OpenVINO model %s does not match its checksum; converting it again", xml)
     except (FileNotFoundError, NotADirectoryError):  # not cached yet
         pass
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, ValueError) as exc:
         lines = [line for line in str(exc).splitlines() if line.strip()]  # OpenVINO's reason is its last line
         logger.warning("cached OpenVINO model %s cannot be read (%s); converting it again", xml,
                        lines[-1].strip() if lines else type(exc).__name__)

@@ -18,7 +18,7 @@ from .backends import make_runner
 from .files import expand_pattern, unique_files, walk_image_files
 from .labels import label_names_for
 from .model import ECANFNet
-from .transforms import DECODE_MODES, MAX_IMAGE_PIXELS, ImageLoadError, eval_transform, load_image, oriented_rgb
+from .transforms import MAX_IMAGE_PIXELS, ImageLoadError, eval_transform, image_loader, oriented_rgb
 from .weights import WeightsSource, create_model
 
 
@@ -128,19 +128,6 @@ def decoded_batches(paths: list[str], transform: Callable[[Image.Image], torch.T
             waiting, ready = [], 0
     if waiting:
         yield waiting
-
-
-def image_loader(transform: Callable[[Image.Image], torch.Tensor], max_pixels: int = MAX_IMAGE_PIXELS,
-                 decode: str = "exact") -> Callable[[str], Image.Image]:
-    """path -> upright RGB image, decoded as `decode` asks for what `transform` needs (its min_decode_size)."""
-    if decode not in DECODE_MODES:
-        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
-    if decode == "exact":
-        return lambda path: load_image(path, max_pixels)
-    min_size = getattr(transform, "min_decode_size", None)
-    if min_size is None:
-        raise ValueError('decode="fast" needs a transform with min_decode_size (an EvalTransform)')
-    return lambda path: load_image(path, max_pixels, "fast", min_size)
 
 
 def _as_rgb_image(image: Image.Image | np.ndarray) -> Image.Image:

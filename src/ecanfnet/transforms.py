@@ -104,6 +104,16 @@ def decode_image(data: bytes, name: str = "upload", max_pixels: int = MAX_IMAGE_
     return _decode(io.BytesIO(data), name, len(data) == 0, max_pixels, _draft_rule(decode, min_size))
 
 
+def image_loader(transform: Callable, max_pixels: int = MAX_IMAGE_PIXELS,
+                 decode: str = "exact") -> Callable[[str], Image.Image]:
+    """path -> upright RGB image, decoded as `decode` asks for what `transform` needs (its min_decode_size)."""
+    min_size = getattr(transform, "min_decode_size", None)
+    if decode == "fast" and min_size is None:
+        raise ValueError('decode="fast" needs a transform with min_decode_size (an EvalTransform)')
+    _draft_rule(decode, min_size)  # a bad mode fails here, not once per file
+    return functools.partial(load_image, max_pixels=max_pixels, decode=decode, min_size=min_size)  # picklable
+
+
 def _draft_rule(decode: str, min_size: MinSize | None) -> Callable[[int, int], tuple[int, int]] | None:
     """For decode="fast", the minimum upright size as a function of the full upright size; None: exact."""
     if decode not in DECODE_MODES:
@@ -118,10 +128,12 @@ def _draft_rule(decode: str, min_size: MinSize | None) -> Callable[[int, int], t
     return lambda width, height: fixed
 
 
-# A fast-decoded image's info holds, under this key, (box, (width, height)): the region of the reduced,
+# A fast-decoded image carries, as this attribute, (box, (width, height)): the region of the reduced,
 # upright image that the full image covers (a Pillow resize box) and the full upright size. EvalTransform
 # resizes that box to the size the full image would get, so the geometry is exactly the exact path's.
-REDUCED_FROM = "ecanfnet.reduced_from"
+# An attribute of the Image object, never `img.info`: a file's own text chunks land in info, so a crafted
+# PNG could forge the marker there.
+REDUCED_FROM = "_ecanfnet_reduced_from"
 
 
 def _apply_draft(img: Image.Image, min_size: Callable[[int, int], tuple[int, int]]
@@ -190,7 +202,7 @@ def _decode(source: BinaryIO, name: str, empty: bool, max_pixels: int,
             img.load()
             out = _oriented_rgb(img, release=True)
             if reduced is not None:  # where the full image lies in the reduced one, for EvalTransform's resize
-                out.info[REDUCED_FROM] = reduced
+                setattr(out, REDUCED_FROM, reduced)
             return out
     except ImageLoadError:
         raise
@@ -429,10 +441,10 @@ class EvalTransform:
     def resize_and_crop(self, img: Image.Image) -> Image.Image:
         """The geometric part: the crop mode's resize, then the centered (H, W) crop (padded where smaller).
 
-        A fast-decoded image (REDUCED_FROM in its info) is resized as its full size would be, from the
+        A fast-decoded image (with the REDUCED_FROM attribute) is resized as its full size would be, from the
         region the full image covers, so only the pixel values differ from the exact path.
         """
-        reduced = img.info.get(REDUCED_FROM)
+        reduced = getattr(img, REDUCED_FROM, None)
         size = self._resized_size(*(reduced[1] if reduced else img.size))
         if reduced:  # min_decode_size kept such images off the crop-only path
             return _center_crop_or_pad(img.resize(size, self.filter, box=reduced[0]), self.image_size, self.fill)

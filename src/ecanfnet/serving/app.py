@@ -367,9 +367,8 @@ def _preprocess(engine: InferenceEngine, data: bytes, name: str, max_pixels: int
                 decode: str = "exact") -> torch.Tensor:
     """Decode + eval transform (in a worker thread); image errors become 413/422 naming the reason."""
     try:
-        if decode == "exact":
-            return engine.transform(decode_image(data, name, max_pixels))
-        return engine.transform(decode_image(data, name, max_pixels, decode, engine.transform.min_decode_size))
+        min_size = getattr(engine.transform, "min_decode_size", None)
+        return engine.transform(decode_image(data, name, max_pixels, decode, min_size))
     except ImageTooLarge as exc:
         raise HTTPException(413, str(exc)) from None
     except ImageLoadError as exc:

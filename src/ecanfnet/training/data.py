@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..files import walk_image_files
-from ..transforms import DECODE_MODES, ImageLoadError, load_image
+from ..transforms import ImageLoadError, image_loader
 
 
 def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
@@ -40,9 +40,7 @@ class ImageFolderDataset(Dataset):
                  decode: str = "exact") -> None:
         self.samples = samples
         self.transform = transform
-        if decode not in DECODE_MODES:
-            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
-        self.decode = decode  # "fast": JPEGs at a reduced DCT scale, for an EvalTransform only (see load_image)
+        self.load = image_loader(transform, decode=decode)  # "fast": JPEGs at a reduced DCT scale (EvalTransform only)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -50,10 +48,7 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str | None]:
         path, label = self.samples[index]
         try:
-            if self.decode == "exact":
-                return self.transform(load_image(path)), label, None
-            img = load_image(path, decode=self.decode, min_size=self.transform.min_decode_size)
-            return self.transform(img), label, None
+            return self.transform(self.load(path)), label, None
         except ImageLoadError as exc:
             return None, label, str(exc)
 
