@@ -22,42 +22,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from conftest import photo_arrays, random_crop  # noqa: E402
+from predict import write_photos  # noqa: E402  (the same 4:3 photo folders as benchmarks/predict.py)
 
 from ecanfnet import Classifier, build_model  # noqa: E402
 from ecanfnet.transforms import image_loader  # noqa: E402
 
 FOLDERS = {"4032x3024": ((4032, 3024), 0.0), "4032x3024 + grain": ((4032, 3024), 4.0), "640x480": ((640, 480), 0.0)}
-
-
-def write_folder(folder: Path, count: int, size: tuple[int, int], grain: float) -> list[str]:
-    """count JPEGs of size (w, h), quality 90: 4:3 crops of the real photos, alternately mirrored, resized."""
-    folder.mkdir(parents=True)
-    photos = list(photo_arrays().values())
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(count):
-        arr = photos[i % len(photos)]
-        h, w = arr.shape[:2]
-        side = min(w / 4, h / 3)
-        crop = random_crop(arr, rng, 1.0)[: int(3 * side), : int(4 * side)]
-        if i % 2:
-            crop = crop[:, ::-1]
-        img = Image.fromarray(np.ascontiguousarray(crop)).resize(size, Image.Resampling.BICUBIC)
-        if grain:
-            noisy = np.asarray(img, np.float32) + rng.normal(0, grain, (size[1], size[0], 1)).astype(np.float32)
-            img = Image.fromarray(np.clip(np.rint(noisy), 0, 255).astype(np.uint8))
-        path = folder / f"photo_{i:04d}.jpg"
-        img.save(path, quality=90)
-        paths.append(str(path))
-    return paths
 
 
 def preprocess_all(paths: list[str], clf: Classifier, decode: str, threads: int) -> list[torch.Tensor]:
@@ -89,7 +65,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (size, grain) in FOLDERS.items():
-            paths = write_folder(Path(tmp) / name.replace(" ", "_").replace("+", ""), args.images, size, grain)
+            folder = Path(tmp) / name.replace(" ", "_").replace("+", "")
+            folder.mkdir(parents=True)
+            paths = write_photos(folder, args.images, size, grain)
             mb = statistics.mean(Path(p).stat().st_size for p in paths) / 1e6
             preprocess_all(paths[:2], clf, "exact", args.threads)  # warm-up
             speed: dict[str, list[float]] = {"exact": [], "fast": []}
