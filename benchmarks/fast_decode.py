@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from conftest import input_psnr  # noqa: E402
 from predict import write_photos  # noqa: E402  (the same 4:3 photo folders as benchmarks/predict.py)
 
 from ecanfnet import Classifier, build_model  # noqa: E402
@@ -42,9 +43,6 @@ def preprocess_all(paths: list[str], clf: Classifier, decode: str, threads: int)
         return list(pool.map(lambda p: clf.transform(load(p)), paths))
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor, std: torch.Tensor) -> float:
-    mse = (((a - b) * std) ** 2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def main() -> None:
@@ -79,7 +77,7 @@ def main() -> None:
             exact = torch.stack(preprocess_all(paths, clf, "exact", args.threads))
             fast = torch.stack(preprocess_all(paths, clf, "fast", args.threads))
             del inputs
-            psnrs = [psnr(f, e, std) for f, e in zip(fast, exact)]
+            psnrs = [input_psnr(f, e, std) for f, e in zip(fast, exact)]
             with torch.no_grad():
                 le = torch.cat([clf.runner(exact[i:i + args.batch_size]) for i in range(0, len(paths), args.batch_size)])
                 lf = torch.cat([clf.runner(fast[i:i + args.batch_size]) for i in range(0, len(paths), args.batch_size)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -53,6 +54,12 @@ def photo_arrays() -> dict[str, np.ndarray]:
     china, flower = load_sample_images().images
     photos.update(china=china, flower=flower)
     return photos
+
+
+def input_psnr(a: torch.Tensor, b: torch.Tensor, std: torch.Tensor) -> float:
+    """PSNR in dB of two normalised network inputs on the 0..1 pixel scale (peak 1), the normalisation undone."""
+    mse = (((a - b) * std) ** 2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def random_crop(arr: np.ndarray, rng: np.random.Generator, keep: float) -> np.ndarray:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import io
-import math
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, JpegImagePlugin
 
-from conftest import photo_arrays
+from conftest import input_psnr, photo_arrays
 from ecanfnet import ImageLoadError, build_model, eval_transform, load_image
 from ecanfnet.inference import decoded_batches
 from ecanfnet.transforms import FAST_DECODE_MARGIN, EvalTransform, ImageTooLarge, decode_image
@@ -22,10 +21,9 @@ MIN_PSNR_DB = 45.0
 TRANSFORM = eval_transform(build_model().pretrained_cfg)  # 288 x 288, crop_pct 1.0, bicubic
 
 
-def psnr(fast: torch.Tensor, exact: torch.Tensor, std=TRANSFORM.std) -> float:
-    """PSNR in dB of two normalised network inputs, on the 0..1 pixel scale (peak 1): the normalisation undone."""
-    mse = (((fast - exact) * std) ** 2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+def psnr(fast: torch.Tensor, exact: torch.Tensor) -> float:
+    """PSNR (dB) of two network inputs made by TRANSFORM."""
+    return input_psnr(fast, exact, TRANSFORM.std)
 
 
 def large(arr: np.ndarray, long_side: int = 2000) -> Image.Image:
