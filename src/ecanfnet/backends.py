@@ -115,22 +115,56 @@ class Runner:
         return f"Runner(backend={self.backend!r}, precision={self.precision!r}, device={str(self.device)!r})"
 
 
-def make_runner(model: ECANFNet, backend: str = "auto", precision: str = "fp32",
+def make_runner(model: ECANFNet, backend: str = "auto", precision: str | None = None,
                 device: str | torch.device | None = None, compile_batch: int | None = None) -> Runner:
-    """Fold the model and wrap it in the requested backend (see BACKENDS; 'auto' picks the fastest fp32)."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    """Fold the model and wrap it in the requested backend (see BACKENDS; 'auto' picks the fastest fp32).
+
+    precision None: the model's own (fp32; int8 for an INT8 model, see quantize.py).
+    """
+    int8 = hasattr(model, "openvino_trunk")
+    device = torch.device(device) if device is not None else torch.device("cpu") if int8 else next(model.parameters()).device
+    if int8:  # an INT8 model (quantize.QuantizedECANFNet)
+        return _int8_runner(model, backend, precision or "int8", device)
+    precision = precision or "fp32"
+    if precision == "int8":
+        raise BackendError("int8 runs an INT8 model folder: make one with `ecanfnet quantize --weights SRC "
+                           "--calibration IMAGES --output OUT`, then pass --weights OUT")
     backend = resolve_backend(backend, device)
     check_combination(precision, backend, device)
     if backend == "onnxruntime":
         return Runner(_onnxruntime_fn(model), backend, precision, device)
     if backend == "openvino":
-        return Runner(_openvino_fn(model, precision), backend, precision, device)
+        core = _openvino_core()
+        fn = _openvino_fn(core, cached_openvino_model(model, core), OPENVINO_PRECISIONS[precision])
+        return Runner(fn, backend, precision, device)
     folded = prepare_for_inference(model, precision, channels_last=True, device=device)
     if backend == "compile":
         fn = _torch_fn(_compile(folded), device, PRECISIONS[precision], pad_to=compile_batch)
     else:
         fn = _torch_fn(folded, device, PRECISIONS[precision])
     return Runner(fn, backend, precision, device)
+
+
+def _int8_runner(model, backend: str, precision: str, device: torch.device) -> Runner:
+    """An INT8 model's runner: its trunk compiled by OpenVINO, then its fp32 classifier (if any) in torch."""
+    if backend not in ("auto", "openvino"):
+        raise BackendError(f"an INT8 model runs on the openvino backend (asked for {backend})")
+    if precision != "int8":
+        raise BackendError(f"an INT8 model runs at int8 (asked for {precision}); for {precision} pass the "
+                           "checkpoint it was quantized from")
+    if device.type != "cpu":
+        raise BackendError(f"an INT8 model runs on the CPU (asked for {device}); use --device cpu")
+    if not openvino_available():
+        raise BackendError("INT8 models need the openvino extra: pip install 'ecanfnet[openvino]'")
+    # f32: the layers NNCF left in float stay exact (bf16 measured no faster here, docs/benchmarks.md).
+    trunk = _openvino_fn(_openvino_core(), model.openvino_trunk, "f32")
+    head = model.head.fc
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        features = trunk(batch)
+        with torch.inference_mode():
+            return head(features)
+    return Runner(run, "openvino", "int8", device)
 
 
 def _torch_fn(module: Callable, device: torch.device, dtype: torch.dtype,
@@ -180,18 +214,25 @@ def openvino_threads() -> int:
     return max(1, min(torch.get_num_threads(), cpus))
 
 
-def _openvino_fn(model: ECANFNet, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def _openvino_core() -> "openvino.Core":
     import openvino as ov
 
-    core = ov.Core()
-    want = OPENVINO_PRECISIONS[precision]
+    return ov.Core()
+
+
+def _openvino_config(want: str) -> dict[str, object]:
+    """compile_model settings: precision hint `want` always set, one LATENCY stream on openvino_threads()."""
     # The precision hint is always set: without it OpenVINO runs f32 models in bf16 on CPUs that have
     # it (avx512_bf16/amx), which is not exact. LATENCY: one stream using every thread for each call;
     # a THROUGHPUT hint (one stream per core, the batch split across them) measured within noise at
     # batch 8 and half the speed at batch 1 on 2 cores (docs/benchmarks.md), so one setting serves all sizes.
-    config = {"INFERENCE_PRECISION_HINT": want, "PERFORMANCE_HINT": "LATENCY",
-              "INFERENCE_NUM_THREADS": openvino_threads()}
-    compiled = core.compile_model(cached_openvino_model(model, core), "CPU", config)
+    return {"INFERENCE_PRECISION_HINT": want, "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": openvino_threads()}
+
+
+def _openvino_fn(core: "openvino.Core", ov_model: "openvino.Model", want: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """batch -> first output of ov_model compiled for the CPU at precision `want` (read back and checked)."""
+    compiled = core.compile_model(ov_model, "CPU", _openvino_config(want))
     got = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
     if got != want:
         raise BackendError(f"OpenVINO compiled the model for {got}, not the {want} asked for; "
@@ -238,8 +279,8 @@ def openvino_cache_path(model: ECANFNet) -> Path:
     return cache_dir() / "openvino" / f"{model.name}-{weights_fingerprint(model)}-ov{version}.xml"
 
 
-def _ir_digest(xml: Path) -> str:
-    """SHA-256 over an IR's .xml and .bin: the cache's seal, written last and checked on every load."""
+def ir_sha256(xml: Path) -> str:
+    """SHA-256 over an IR's .xml and .bin (the seal of a cache entry, the checksum of an INT8 folder's trunk)."""
     digest = hashlib.sha256()
     for path in (xml, xml.with_suffix(".bin")):
         with open(path, "rb") as f:
@@ -279,7 +320,7 @@ def _read_or_convert(model: ECANFNet, core, xml: Path) -> openvino.Model:
     """The sealed cached IR at xml when intact, else a fresh conversion written there (see cached_openvino_model)."""
     seal = xml.with_suffix(".sha256")
     try:
-        if seal.read_text(errors="replace").strip() == _ir_digest(xml):
+        if seal.read_text(errors="replace").strip() == ir_sha256(xml):
             return core.read_model(str(xml))
         logger.warning("cached OpenVINO model %s does not match its checksum; converting it again", xml)
     except (FileNotFoundError, NotADirectoryError):  # not cached yet
@@ -291,7 +332,7 @@ def _read_or_convert(model: ECANFNet, core, xml: Path) -> openvino.Model:
     ov_model = convert_openvino(model)
     try:
         save_openvino(ov_model, xml)
-        write_atomically(seal, lambda tmp: Path(tmp).write_text(_ir_digest(xml) + "\n"))
+        write_atomically(seal, lambda tmp: Path(tmp).write_text(ir_sha256(xml) + "\n"))
     except OSError as exc:  # a read-only or full cache: run uncached rather than fail
         logger.warning("cannot cache the OpenVINO model in %s (%s); converting on every run", xml.parent,
                        exc.strerror or exc)

@@ -12,12 +12,14 @@ from typing import Any, Iterator
 import torch
 
 from .backends import BACKENDS, cpu_has_native_bf16, make_runner, onnxruntime_available, openvino_available
-from .errors import BackendError
+from .errors import BackendError, WeightsError
 from .model import ECANFNet
 
 
-def available_configs(device: torch.device) -> list[tuple[str, str]]:
-    """Every (backend, precision) pair that runs natively here."""
+def available_configs(device: torch.device, model: torch.nn.Module | None = None) -> list[tuple[str, str]]:
+    """Every (backend, precision) pair that runs natively here (for an INT8 model: openvino int8 only)."""
+    if model is not None and hasattr(model, "openvino_trunk"):
+        return [("openvino", "int8")]
     configs = [("torch", "fp32"), ("compile", "fp32")]
     if device.type == "cpu" and onnxruntime_available():
         configs.append(("onnxruntime", "fp32"))
@@ -27,9 +29,18 @@ def available_configs(device: torch.device) -> list[tuple[str, str]]:
         configs += [("torch", "bf16"), ("compile", "bf16")]
     if device.type == "cpu" and openvino_available() and cpu_has_native_bf16():
         configs.append(("openvino", "bf16"))
+    if device.type == "cpu" and openvino_available() and nncf_available():
+        configs.append(("openvino", "int8"))
     if device.type == "cuda":
         configs += [("torch", "fp16"), ("compile", "fp16")]
     return configs
+
+
+def nncf_available() -> bool:
+    """Whether nncf (INT8 quantization, in the openvino extra) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("nncf") is not None
 
 
 def _reset_peak_rss() -> bool:
@@ -54,6 +65,11 @@ def benchmark(model: ECANFNet, backend: str, precision: str, batch_size: int = 1
               repeats: int = 10, warmup: int = 2, device: torch.device | None = None) -> dict[str, Any]:
     """Median time of `repeats` forward passes after `warmup` ones, and the peak memory while doing it."""
     device = device or torch.device("cpu")
+    note = None
+    if precision == "int8" and not hasattr(model, "openvino_trunk"):
+        from .quantize import quantize_on_random_input
+
+        model, note = quantize_on_random_input(model, image_size), "int8 calibrated on random input: speed only"
     reset = _reset_peak_rss()
     runner = make_runner(model, backend, precision, device, compile_batch=batch_size)
     x = torch.randn(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
@@ -67,9 +83,10 @@ def benchmark(model: ECANFNet, backend: str, precision: str, batch_size: int = 1
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     p50 = statistics.median(times)
-    return {"backend": runner.backend, "precision": precision, "batch_size": batch_size,
-            "image_size": image_size, "images_per_s": batch_size / p50, "ms_per_batch_p50": 1000 * p50,
-            "peak_rss_mb": round(_peak_rss_mb(reset), 1)}
+    row = {"backend": runner.backend, "precision": runner.precision, "batch_size": batch_size,
+           "image_size": image_size, "images_per_s": batch_size / p50, "ms_per_batch_p50": 1000 * p50,
+           "peak_rss_mb": round(_peak_rss_mb(reset), 1)}
+    return row | ({"note": note} if note else {})
 
 
 def run_all(model: ECANFNet, configs: list[tuple[str, str]], **kwargs: Any) -> Iterator[dict[str, Any]]:
@@ -80,5 +97,5 @@ def run_all(model: ECANFNet, configs: list[tuple[str, str]], **kwargs: Any) -> I
             continue
         try:
             yield benchmark(model, backend, precision, **kwargs)
-        except (BackendError, ImportError, RuntimeError) as exc:
+        except (BackendError, ImportError, RuntimeError, WeightsError) as exc:
             yield {"backend": backend, "precision": precision, "error": str(exc).splitlines()[0]}

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 BACKEND_CHOICES = ("auto", "torch", "compile", "onnxruntime", "openvino")
-PRECISION_CHOICES = ("fp32", "bf16", "fp16")
+PRECISION_CHOICES = ("fp32", "bf16", "fp16", "int8")
 # Fewer images than this: `auto` uses eager torch, whose setup is instant; ONNX Runtime's session
 # set-up (and first-time export) costs more than it saves on a handful of images.
 AUTO_ORT_MIN_IMAGES = 16
@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", nargs="+", choices=BACKEND_CHOICES[1:], default=None,
                    help="backends to time (default: all that run here)")
     b.add_argument("--precision", nargs="+", choices=PRECISION_CHOICES, default=None,
-                   help="precisions to time (default: those the hardware runs natively)")
+                   help="precisions to time (default: those the hardware runs natively); int8 times a model "
+                        "quantized on random input (speed only) unless --weights is an INT8 folder")
     b.add_argument("--repeats", type=_positive_int, default=10, metavar="R")
     b.add_argument("--warmup", type=int, default=2, metavar="W")
     _add_device_option(b)
@@ -171,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_options(m)
     m.set_defaults(func=run_embed)
 
+    _add_quantize_parser(sub)
+
     q = sub.add_parser("search", help="nearest images by cosine similarity in an embedding file",
                        description="Embed the query images with the index's own weights and list the k most "
                                    "similar indexed images. Exact (numpy) search below 100,000 vectors; above, "
@@ -234,12 +237,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
+def _add_quantize_parser(sub) -> None:
+    from .quantize import DEFAULT_HOLDOUT, DEFAULT_MIN_AGREEMENT, DEFAULT_SAMPLES
+
+    q = sub.add_parser("quantize", help="INT8 post-training quantization (OpenVINO + NNCF) with an accuracy report",
+                       description="Quantize a checkpoint to INT8 on your own images and write a folder that "
+                                   "predict, evaluate, embed, search, serve and bench take as --weights. Images held "
+                                   "out from calibration measure the agreement with fp32; a model below "
+                                   "--min-agreement is not written unless --force.")
+    q.add_argument("--weights", metavar="SRC", default=None, help="the fp32 checkpoint (default: hf-hub:timm/eca_nfnet_l0)")
+    q.add_argument("--calibration", metavar="DIR", required=True,
+                   help="folder of images like those the model will see (searched recursively)")
+    q.add_argument("--output", metavar="OUT", required=True, help="the INT8 model folder to write")
+    q.add_argument("--samples", type=_positive_int, default=DEFAULT_SAMPLES, metavar="N",
+                   help=f"calibration images (default {DEFAULT_SAMPLES})")
+    q.add_argument("--holdout", type=_positive_int, default=DEFAULT_HOLDOUT, metavar="N",
+                   help=f"images held out from calibration to measure agreement with fp32 (default {DEFAULT_HOLDOUT}; "
+                        "a quarter of a smaller folder)")
+    q.add_argument("--val", metavar="DIR", default=None,
+                   help="labelled folder (one subfolder per class): report top-1 of fp32 and INT8")
+    q.add_argument("--max-drop", type=_non_negative_float, default=None, metavar="POINTS",
+                   help="with --val: NNCF's accuracy-controlled quantization, keeping the top-1 drop within "
+                        "POINTS (e.g. 1.0); a larger drop is refused")
+    q.add_argument("--min-agreement", type=_probability, default=DEFAULT_MIN_AGREEMENT, metavar="F",
+                   help=f"refuse a model whose top-1 agrees with fp32 on fewer than this share of held-out images "
+                        f"(default {DEFAULT_MIN_AGREEMENT})")
+    q.add_argument("--force", action="store_true", help="write the model even when it fails the accuracy guard")
+    q.add_argument("--seed", type=_seed, default=0, help="which images calibrate and which are held out (default 0)")
+    q.add_argument("--workers", type=_positive_int, default=None, metavar="N", help="image decoding threads")
+    q.add_argument("--format", choices=("table", "json"), default="table", help="the report as text or one JSON object")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    q.set_defaults(func=run_quantize)
+
+
 def _add_backend_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                    help="auto (default: the fastest exact backend installed, on CPU openvino, else "
                         "onnxruntime, when there are many images; else torch), torch, compile, onnxruntime, openvino")
-    p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32",
-                   help="fp32 (default, exact), bf16 (CUDA, or CPUs with native bf16), fp16 (CUDA)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
+                   help="default: the weights' own, fp32 (exact), or int8 for an INT8 folder from `ecanfnet quantize`; "
+                        "bf16 (CUDA, or CPUs with native bf16), fp16 (CUDA)")
 
 
 def _add_decode_option(p: argparse.ArgumentParser) -> None:
@@ -332,10 +369,10 @@ def run_predict(args: argparse.Namespace) -> int:
     from .progress import progress
     from .transforms import MAX_IMAGE_PIXELS
 
-    device = _device(args.device)
     paths, problems = find_images(args.paths)
-    classifier = Classifier.from_pretrained(args.weights, device, _backend_for(args.backend, len(paths)),
-                                            args.precision)
+    model = _load_model(args.weights)
+    classifier = Classifier(model, _device_for(args.device, model), _backend_for(args.backend, len(paths), args.weights),
+                            args.precision)
 
     emit = _print_json if args.format == "json" else _print_table
     failed = 0
@@ -354,9 +391,28 @@ def run_predict(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def _backend_for(backend: str, n_images: int) -> str:
-    """'auto' means eager torch for a handful of images (ONNX Runtime's set-up would cost more than it saves)."""
-    return "torch" if backend == "auto" and n_images < AUTO_ORT_MIN_IMAGES else backend
+def _load_model(weights: str | None):
+    """The model of --weights (default: the published checkpoint); an INT8 folder from `ecanfnet quantize` too."""
+    from .weights import create_model
+
+    return create_model(pretrained=weights if weights is not None else True, int8_ok=True)
+
+
+def _device_for(name: str, model):
+    """_device(name), except that 'auto' is the CPU for an INT8 model (it runs on OpenVINO's CPU plugin)."""
+    import torch
+
+    return torch.device("cpu") if name == "auto" and hasattr(model, "openvino_trunk") else _device(name)
+
+
+def _backend_for(backend: str, n_images: int, weights: str | None) -> str:
+    """'auto' means eager torch for a handful of images (ONNX Runtime's set-up would cost more than it saves),
+    except for an INT8 folder, which runs on OpenVINO only."""
+    from .quantize import is_int8_folder
+
+    if backend != "auto" or n_images >= AUTO_ORT_MIN_IMAGES or (weights is not None and is_int8_folder(weights)):
+        return backend
+    return "torch"
 
 
 def _device(name: str):
@@ -393,10 +449,10 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.weights is None:
         print("ecanfnet: note: no --weights given, timing randomly initialised weights "
               "(throughput does not depend on the values)", file=sys.stderr)
-    model = create_model(pretrained=args.weights if args.weights is not None else False)
-    configs = available_configs(device)
+    model = create_model(pretrained=args.weights if args.weights is not None else False, int8_ok=True)
+    configs = available_configs(device, model)
     if args.backend:
-        configs = [(b, p) for b in args.backend for p in (args.precision or ["fp32"])]
+        configs = [(b, p) for b in args.backend for p in (args.precision or [configs[0][1]])]
     elif args.precision:
         configs = [(b, p) for b, p in configs if p in args.precision]
     failed = 0
@@ -410,9 +466,49 @@ def run_bench(args: argparse.Namespace) -> int:
         elif "error" in row:
             print(f"{row['backend']:12s} {row['precision']:9s} unavailable: {printable(row['error'])}", flush=True)
         else:
+            note = f"  ({row['note']})" if "note" in row else ""
             print(f"{row['backend']:12s} {row['precision']:9s} {row['batch_size']:5d} {row['image_size']:5d} "
-                  f"{row['images_per_s']:9.2f} {row['ms_per_batch_p50']:13.1f} {row['peak_rss_mb']:12.1f}", flush=True)
+                  f"{row['images_per_s']:9.2f} {row['ms_per_batch_p50']:13.1f} {row['peak_rss_mb']:12.1f}{note}",
+                  flush=True)
     return EXIT_FAILED if failed == len(configs) else EXIT_OK
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    """Quantize to INT8, print the report; exit 1 (nothing written) when the accuracy guard refuses the model."""
+    from .quantize import QuantizeError, QuantizeRefused, quantize_folder
+
+    try:
+        report = quantize_folder(args.weights if args.weights is not None else True, args.calibration, args.output,
+                                 samples=args.samples, holdout=args.holdout, val=args.val, max_drop=args.max_drop,
+                                 min_agreement=args.min_agreement, force=args.force, seed=args.seed,
+                                 workers=args.workers, progress=not args.no_progress)
+    except QuantizeRefused as exc:
+        _print_quantize_report(exc.report, args.format)
+        _error(str(exc))
+        return EXIT_FAILED
+    except QuantizeError as exc:
+        _error(str(exc))
+        return EXIT_FAILED
+    _print_quantize_report(report, args.format)
+    if args.format == "table":
+        print(printable(f"wrote {args.output} (use it as --weights {args.output})"))
+    return EXIT_OK
+
+
+def _print_quantize_report(report: dict, form: str) -> None:
+    if form == "json":
+        print(json_line(report))
+        return
+    held = report["held_out"]
+    print(f"calibrated on {report['calibration']['images']} images ({report['method']}), "
+          f"{len(report['calibration']['skipped'])} unreadable skipped, {report['seconds']:.0f} s")
+    print(f"held out {held['images']} images: top-1 agreement {100 * held['top1_agreement']:.1f}%  "
+          f"top-5 agreement {100 * held['top5_agreement']:.1f}%  logit error max {held['logit_max_abs_error']:.3f} "
+          f"(relative {held['logit_max_rel_error']:.2e}), mean {held['logit_mean_abs_error']:.4f}")
+    val = report.get("validation")
+    if val:
+        print(f"validation {val['images']} images: top-1 fp32 {100 * val['top1_fp32']:.2f}%  "
+              f"int8 {100 * val['top1_int8']:.2f}%  drop {val['drop_points']:.2f} points")
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -472,16 +568,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint on a labelled folder; print the summary, and the per-class CSV when asked."""
     from .backends import make_runner
     from .fileio import check_output_file
+    from .quantize import is_int8
     from .training.evaluate import evaluate_folder, write_per_class_csv
-    from .weights import create_model
 
-    device = _device(args.device)
     if args.per_class_csv is not None:
         check_output_file(args.per_class_csv)
-    model = create_model(pretrained=args.weights if args.weights is not None else True)
+    model = _load_model(args.weights)
+    forward = make_runner(model, "auto" if is_int8(model) else "torch", None, _device_for(args.device, model))
     try:
-        report = evaluate_folder(model, args.data, args.batch_size, args.workers,
-                                 forward=make_runner(model, "torch", "fp32", device), progress=not args.no_progress,
+        report = evaluate_folder(model, args.data, args.batch_size, args.workers, forward=forward,
+                                 progress=not args.no_progress,
                                  decode=args.decode)
     except (FileNotFoundError, ValueError) as exc:
         _error(str(exc))
@@ -515,7 +611,7 @@ def run_embed(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     summary = embed_files(paths, args.output, weights=args.weights if args.weights is not None else True,
                           normalize=args.normalize, batch_size=args.batch_size, shard_size=args.shard_size,
-                          backend=_backend_for(args.backend, len(paths)), precision=args.precision, workers=args.workers,
+                          backend=_backend_for(args.backend, len(paths), args.weights), precision=args.precision, workers=args.workers,
                           progress=not args.no_progress, device=device, decode=args.decode)
     if summary.rank == 0:  # the other ranks leave the merge to rank 0
         print(f"wrote {summary.count} x {summary.dim} vectors to {printable(summary.output)} "
@@ -556,7 +652,6 @@ def run_serve(args: argparse.Namespace) -> int:
         _error(f"serving needs {exc.name}: pip install 'ecanfnet[serve]'")
         return EXIT_FAILED
     from .serving.engine import InferenceEngine
-    from .weights import create_model
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if api_key is not None and not all("!" <= c <= "~" for c in api_key):
@@ -565,7 +660,7 @@ def run_serve(args: argparse.Namespace) -> int:
                "as HTTP headers carry it")
         return EXIT_USAGE
     loopback = host_allowed(args.host)
-    device = _device(args.device)
+    _device(args.device)  # a bad --device fails before the port is taken
     if not loopback and api_key is None:
         warnings.warn(f"serving on {args.host} without an API key: anyone who can reach this port can use it",
                       stacklevel=1)
@@ -575,8 +670,8 @@ def run_serve(args: argparse.Namespace) -> int:
         _error(f"cannot listen on {args.host} port {args.port}: {exc.strerror or exc}")
         return EXIT_FAILED
     with sock:
-        model = create_model(pretrained=args.weights if args.weights is not None else True)
-        engine = InferenceEngine(model, args.backend, args.precision, device)
+        model = _load_model(args.weights)
+        engine = InferenceEngine(model, args.backend, args.precision, _device_for(args.device, model))
         settings = ServeSettings(
             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
             max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels, timeout_s=args.timeout_s,

@@ -170,12 +170,13 @@ def embedding_model(model: ECANFNet) -> ECANFNet:
 
 def embed_files(paths: list[str], output: str | Path, weights: WeightsSource | bool = True,
                 model: ECANFNet | None = None, normalize: bool = False, batch_size: int = 32,
-                shard_size: int = 4096, backend: str = "auto", precision: str = "fp32",
+                shard_size: int = 4096, backend: str = "auto", precision: str | None = None,
                 workers: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS, progress: bool = True,
                 device: str | torch.device | None = None, decode: str = "exact") -> EmbedSummary:
     """Embed every readable image in paths into OUT.npy (+ .paths.txt, .json); resumable, torchrun-aware.
 
-    weights: any weights source (True: the published checkpoint); ignored when model is given.
+    weights: any weights source (True: the published checkpoint; an INT8 folder too); ignored when model is given.
+    precision: None, the model's own (fp32; int8 for an INT8 model).
     The model passed in loses its classifier (see embedding_model).
     device: where the model runs (default: under torchrun the rank's own GPU, else CUDA when available, else CPU).
     decode: "exact" or "fast" (JPEGs decoded at a reduced DCT scale, see load_image); part of the resume plan.
@@ -185,7 +186,7 @@ def embed_files(paths: list[str], output: str | Path, weights: WeightsSource | b
     out.check_writable()
     rank, world, rank_device = distributed_setup()
     device = _run_device(device, rank_device)
-    net = embedding_model(model if model is not None else create_model(pretrained=weights))
+    net = embedding_model(model if model is not None else create_model(pretrained=weights, int8_ok=True))
     plan = _plan(paths, net, normalize, shard_size, weights if model is None else None)
     if decode != "exact":  # recorded only when not the default, so earlier exact runs still resume
         plan["decode"] = decode

@@ -56,6 +56,11 @@ def new_file_mode(target: Path) -> int:
         return 0o666 & ~_umask_of_process()
 
 
+def new_dir_mode() -> int:
+    """Mode for a new folder: 0o777 less the umask (as os.mkdir; tempfile.mkdtemp would give 0o700)."""
+    return 0o777 & ~_umask_of_process()
+
+
 def write_atomically(target: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     """Call write(temp_path) for a temp file beside target, then rename it over target (mode: see new_file_mode).
 

@@ -152,8 +152,10 @@ class Classifier:
     """A model plus the preprocessing and labels its checkpoint carries, run on a chosen backend."""
 
     def __init__(self, model: ECANFNet, device: str | torch.device | None = None,
-                 backend: str = "auto", precision: str = "fp32") -> None:
-        self.device = torch.device(device) if device is not None else default_device()
+                 backend: str = "auto", precision: str | None = None) -> None:
+        """precision None: the model's own (fp32, or int8 for an INT8 model, which runs on the CPU)."""
+        int8 = hasattr(model, "openvino_trunk")
+        self.device = torch.device(device) if device is not None else torch.device("cpu") if int8 else default_device()
         self.model = model.eval()
         self.runner = make_runner(model, backend, precision, self.device)
         self.transform = eval_transform(model.pretrained_cfg)
@@ -161,9 +163,10 @@ class Classifier:
 
     @classmethod
     def from_pretrained(cls, weights: WeightsSource | None = None, device: str | torch.device | None = None,
-                        backend: str = "auto", precision: str = "fp32") -> "Classifier":
-        """Load a classifier from any weights source (default: the published hub checkpoint)."""
-        return cls(create_model(pretrained=weights if weights is not None else True), device, backend, precision)
+                        backend: str = "auto", precision: str | None = None) -> "Classifier":
+        """Load a classifier from any weights source (default: the published hub checkpoint; INT8 folders too)."""
+        return cls(create_model(pretrained=weights if weights is not None else True, int8_ok=True), device, backend,
+                   precision)
 
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """Softmax class probabilities (float32, CPU) for a preprocessed (B, 3, H, W) batch."""

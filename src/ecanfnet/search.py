@@ -143,12 +143,12 @@ def embed_queries(index: EmbeddingIndex, images: list[str], weights: WeightsSour
         if recorded is None:
             raise EmbedError(f"{index.files.manifest} does not say which weights made it; pass --weights")
         weights = True if recorded == "published" else recorded
-    model = embedding_model(create_model(pretrained=weights))
+    model = embedding_model(create_model(pretrained=weights, int8_ok=True))
     if weights_fingerprint(model) != plan.get("weights_fingerprint"):
         raise EmbedError(f"{weights if weights is not True else 'the published weights'} are not the weights "
                          f"{index.files.vectors} was embedded with (fingerprint {plan.get('weights_fingerprint')}); "
                          f"pass the same --weights")
-    runner = make_runner(model, backend, "fp32", device)
+    runner = make_runner(model, "auto" if hasattr(model, "openvino_trunk") else backend, None, device)
     vectors, good, errors = embed_paths(images, runner, eval_transform(model.pretrained_cfg), model.num_features,
                                         normalize=True)
     return vectors, good, errors

@@ -401,7 +401,7 @@ def _describe_mismatch(name: str, ckpt: Checkpoint, missing: list[str], unexpect
 def create_model(name: str | None = None, pretrained: bool | WeightsSource = False,
                  num_classes: int | None = None, drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, features_only: bool = False,
-                 out_indices: tuple[int, ...] = (0, 1, 2, 3, 4)) -> ECANFNet | ECANFNetFeatures:
+                 out_indices: tuple[int, ...] = (0, 1, 2, 3, 4), int8_ok: bool = False) -> ECANFNet | ECANFNetFeatures:
     """Build an ECA-NFNet, optionally with weights; metadata and labels travel with the checkpoint.
 
     name: architecture (default eca_nfnet_l0, or whatever the checkpoint's config names).
@@ -409,9 +409,40 @@ def create_model(name: str | None = None, pretrained: bool | WeightsSource = Fal
     num_classes: default the checkpoint's (1000 without one); another value keeps the
     backbone and gives a freshly initialised classifier.
     features_only: return the multi-scale trunk (ECANFNetFeatures) with maps out_indices (0..4).
+    int8_ok: a caller that only runs the model (predict, evaluate, embed, serve) also takes an INT8 model
+    folder (written by `ecanfnet quantize`), as a quantize.QuantizedECANFNet; elsewhere it is refused.
     """
+    int8 = _int8_folder_or_none(pretrained)
+    if int8 is not None:
+        return _load_int8(int8, name, num_classes, features_only, int8_ok)
     model = _create_classifier(name, pretrained, num_classes, drop_rate, drop_path_rate)
     return ECANFNetFeatures(model, out_indices) if features_only else model
+
+
+def _int8_folder_or_none(pretrained: bool | WeightsSource | None) -> Path | None:
+    """The folder, when pretrained names an INT8 model folder on disk."""
+    if isinstance(pretrained, (str, os.PathLike)) and not os.fspath(pretrained).startswith(HUB_PREFIXES):
+        from .quantize import is_int8_folder
+
+        folder = Path(pretrained).expanduser()
+        return folder if is_int8_folder(folder) else None
+    return None
+
+
+def _load_int8(folder: Path, name: str | None, num_classes: int | None, features_only: bool, int8_ok: bool):
+    from .quantize import load_int8_folder
+
+    if not int8_ok or features_only:
+        raise WeightsError(f"{folder}: an INT8 model folder (written by `ecanfnet quantize`) can only be run: "
+                           "predict, evaluate, embed, search, serve, bench; to train, export or fine-tune use "
+                           "the fp32 checkpoint it was quantized from (named in its config.json)")
+    model = load_int8_folder(folder)
+    if name and model.name != name:
+        raise WeightsError(f"{folder}: the INT8 model is {model.name}, not the requested {name}")
+    if num_classes is not None and num_classes != model.num_classes:
+        raise WeightsError(f"{folder}: the INT8 model has {model.num_classes} classes; its classifier cannot be "
+                           f"changed to {num_classes}")
+    return model
 
 
 def _create_classifier(name: str | None, pretrained: bool | WeightsSource, num_classes: int | None,
@@ -439,10 +470,8 @@ def _create_classifier(name: str | None, pretrained: bool | WeightsSource, num_c
     return model
 
 
-def save_pretrained(model: ECANFNet, folder: WeightsSource, label_names: list[str] | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` in the hub layout (each file replaced atomically)."""
-    from safetensors.torch import save_file
-
+def hub_config(model: ECANFNet, label_names: list[str] | None = None) -> dict[str, Any]:
+    """The ``config.json`` of a model in the hub layout: architecture, classes, preprocessing and labels."""
     label_names = list(label_names) if label_names is not None else model.pretrained_cfg.get("label_names")
     if label_names is not None and len(label_names) != model.num_classes:
         raise ValueError(f"label_names has {len(label_names)} entries but the model has {model.num_classes} classes")
@@ -460,7 +489,14 @@ def save_pretrained(model: ECANFNet, folder: WeightsSource, label_names: list[st
     descriptions = model.pretrained_cfg.get("label_descriptions")
     if descriptions:
         config["label_descriptions"] = descriptions
+    return config
 
+
+def save_pretrained(model: ECANFNet, folder: WeightsSource, label_names: list[str] | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` in the hub layout (each file replaced atomically)."""
+    from safetensors.torch import save_file
+
+    config = hub_config(model, label_names)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}

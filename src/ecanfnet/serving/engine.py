@@ -29,7 +29,7 @@ class InferenceEngine:
     embed requests together.
     """
 
-    def __init__(self, model: ECANFNet, backend: str = "auto", precision: str = "fp32",
+    def __init__(self, model: ECANFNet, backend: str = "auto", precision: str | None = None,
                  device: str | torch.device | None = None) -> None:
         model = model.eval()
         self.name = model.name
