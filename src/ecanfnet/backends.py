@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -134,7 +135,7 @@ def make_runner(model: ECANFNet, backend: str = "auto", precision: str | None = 
     if backend == "onnxruntime":
         return Runner(_onnxruntime_fn(model), backend, precision, device)
     if backend == "openvino":
-        core = _openvino_core()
+        core = openvino_core()
         fn = _openvino_fn(core, cached_openvino_model(model, core), OPENVINO_PRECISIONS[precision])
         return Runner(fn, backend, precision, device)
     folded = prepare_for_inference(model, precision, channels_last=True, device=device)
@@ -157,7 +158,7 @@ def _int8_runner(model, backend: str, precision: str, device: torch.device) -> R
     if not openvino_available():
         raise BackendError("INT8 models need the openvino extra: pip install 'ecanfnet[openvino]'")
     # f32: the layers NNCF left in float stay exact (bf16 measured no faster here, docs/benchmarks.md).
-    trunk = _openvino_fn(_openvino_core(), model.openvino_trunk, "f32")
+    trunk = _openvino_fn(openvino_core(), model.openvino_trunk, "f32")
     head = model.head.fc
 
     def run(batch: torch.Tensor) -> torch.Tensor:
@@ -214,10 +215,20 @@ def openvino_threads() -> int:
     return max(1, min(torch.get_num_threads(), cpus))
 
 
-def _openvino_core() -> "openvino.Core":
+@functools.lru_cache(maxsize=None)
+def openvino_core() -> "openvino.Core":
+    """The one OpenVINO Core of this process, kept until exit.
+
+    Each Core that compiles loads its own CPU plugin, which installs a signal stack on the calling thread
+    and, when that Core is destroyed, reinstates the one it found; Cores destroyed out of order leave a
+    freed stack installed, and the next signal with a Python handler (SIGCHLD, SIGINT) then kills the
+    process with SIGSEGV. One Core for everything, never destroyed, keeps that from happening.
+    """
     import openvino as ov
 
-    return ov.Core()
+    core = ov.Core()
+    core.get_property("CPU", "FULL_DEVICE_NAME")  # loads the CPU plugin now, before any other Core's
+    return core
 
 
 def _openvino_config(want: str) -> dict[str, object]:

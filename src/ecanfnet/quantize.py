@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backends import ir_sha256
+from .backends import ir_sha256, openvino_core
 from .errors import WeightsError
 from .fileio import write_atomically, write_json_atomically
 from .metadata import MAX_CONFIG_BYTES, validate_config
@@ -123,8 +123,6 @@ def is_int8_folder(path: str | os.PathLike) -> bool:
 
 def load_int8_folder(folder: str | os.PathLike) -> QuantizedECANFNet:
     """Read and check an INT8 model folder (every error names the file and the reason)."""
-    import openvino as ov
-
     folder = Path(folder)
     config = _read_int8_config(folder / "config.json")
     xml, bin_ = folder / TRUNK_FILE, folder / TRUNK_FILE.replace(".xml", ".bin")
@@ -136,7 +134,7 @@ def load_int8_folder(folder: str | os.PathLike) -> QuantizedECANFNet:
                            "(damaged or replaced); quantize again")
     fc = _read_head(folder / HEAD_FILE, config)
     try:
-        trunk = ov.Core().read_model(str(xml))
+        trunk = openvino_core().read_model(str(xml))
     except (RuntimeError, ValueError) as exc:
         lines = [line for line in str(exc).splitlines() if line.strip()]
         raise WeightsError(f"{xml}: OpenVINO cannot read this model ({lines[-1].strip() if lines else exc})") from None
@@ -281,6 +279,7 @@ def quantize_trunk(model: ECANFNet, calibration: list[np.ndarray], to_input: Cal
     import sys
 
     nncf = _import_nncf()
+    openvino_core()  # the process's Core first: NNCF's own come and go inside its lifetime (see openvino_core)
     trunk = convert_trunk(model)
     data = nncf.Dataset(calibration, lambda crop: to_input(crop))
     # NNCF draws its progress bars on stdout, which belongs to the command's report.
