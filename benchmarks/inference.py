@@ -4,7 +4,11 @@ One process, same randomised weights and same input for everyone; the candidates
 alternation, round after round, so that drifts in machine speed hit all of them alike.
 Prints images/s (median of all timed calls) and the ratios to the anchors; "vs timm OV" compares
 each row with timm -> OpenVINO in the same precision (f32 for fp32 rows, bf16 for bf16 rows).
-The OpenVINO rows need the openvino extra; bf16 rows run where the CPU has native bf16.
+The OpenVINO rows need the openvino extra; bf16 rows run where the CPU has native bf16. The INT8 rows
+(needs nncf, in the openvino extra) quantize timm's model (the anchor: nncf.quantize with its defaults,
+compiled with OpenVINO's default precision) and ours (ecanfnet's quantize_trunk) on the same 16
+calibration inputs: crops of the real photos, preprocessed. Their accuracy columns are on photos they
+were calibrated on, so they flatter; `ecanfnet quantize` reports agreement on held-out images.
 
     python benchmarks/inference.py                      # batch 1 and 8 at 288x288
     python benchmarks/inference.py --batch-sizes 1 --rounds 3 --json results.json
@@ -13,7 +17,10 @@ The OpenVINO rows need the openvino extra; bf16 rows run where the CPU has nativ
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import importlib.metadata
+import importlib.util
 import json
 import platform
 import statistics
@@ -24,16 +31,19 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import photo_arrays, timm_model  # noqa: E402  (randomised timm weights, shared with the tests)
+from conftest import photo_arrays, random_crop, timm_model  # noqa: E402  (randomised timm weights, shared with the tests)
 from PIL import Image  # noqa: E402
 
 from ecanfnet import build_model, eval_transform  # noqa: E402
-from ecanfnet.backends import cpu_has_native_bf16, make_runner, openvino_available, openvino_threads  # noqa: E402
+from ecanfnet.quantize import int8_model, quantize_trunk  # noqa: E402
+from ecanfnet.backends import (cpu_has_native_bf16, make_runner, openvino_available, openvino_core,  # noqa: E402
+                               openvino_threads)
 
 
 def timm_onnxruntime(ref: torch.nn.Module, folder: Path) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -51,16 +61,27 @@ def timm_onnxruntime(ref: torch.nn.Module, folder: Path) -> Callable[[torch.Tens
     return lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
 
 
-def timm_openvino(ref: torch.nn.Module, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What a user does: openvino.convert_model on timm's eval model, compile_model with a precision hint."""
+def timm_openvino(ref: torch.nn.Module, precision: str,
+                  calibration: list[np.ndarray] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What a user does: openvino.convert_model on timm's eval model, compile_model with a precision hint.
+
+    precision "int8": nncf.quantize with its defaults on the calibration inputs, compiled without a
+    precision hint (OpenVINO's default for the layers left in float: bf16 where the CPU has it).
+    """
     import openvino as ov
 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         model = ov.convert_model(ref, example_input=torch.randn(1, 3, 288, 288))
-    config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
-              "INFERENCE_NUM_THREADS": openvino_threads()}
-    compiled = ov.Core().compile_model(model, "CPU", config)
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": openvino_threads()}
+    if precision == "int8":
+        import nncf
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = nncf.quantize(model, nncf.Dataset(calibration), subset_size=len(calibration))
+    else:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    compiled = openvino_core().compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +97,17 @@ def timm_eager(ref: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
-def candidates(batch: int, with_compile: bool, with_bf16: bool, folder: Path) -> dict[str, Callable]:
+def calibration_inputs(image_size: int, count: int = 16) -> list[np.ndarray]:
+    """count preprocessed (1, 3, S, S) inputs: random crops of the real photos (the INT8 rows' calibration)."""
+    cfg = dict(build_model().pretrained_cfg, test_input_size=[3, image_size, image_size])
+    transform, rng = eval_transform(cfg), np.random.default_rng(0)
+    photos = list(photo_arrays().values())
+    return [transform(Image.fromarray(random_crop(photos[i % len(photos)], rng, 0.6)))[None].numpy()
+            for i in range(count)]
+
+
+def candidates(batch: int, with_compile: bool, with_bf16: bool, folder: Path,
+               calibration: list[np.ndarray] | None = None) -> dict[str, Callable]:
     ref = timm_model("eca_nfnet_l0", seed=0)
     ours = build_model("eca_nfnet_l0").eval()
     ours.load_state_dict(ref.state_dict())
@@ -86,6 +117,8 @@ def candidates(batch: int, with_compile: bool, with_bf16: bool, folder: Path) ->
         runs["timm openvino fp32"] = timm_openvino(ref, "f32")
         if with_bf16 and cpu_has_native_bf16():
             runs["timm openvino bf16"] = timm_openvino(ref, "bf16")
+    if with_openvino and calibration:
+        runs["timm openvino int8"] = timm_openvino(ref, "int8", calibration)
     runs["ecanfnet torch fp32"] = make_runner(ours, "torch", "fp32")
     runs["ecanfnet onnxruntime fp32"] = make_runner(ours, "onnxruntime", "fp32")
     if with_openvino:
@@ -100,6 +133,10 @@ def candidates(batch: int, with_compile: bool, with_bf16: bool, folder: Path) ->
                 runs["ecanfnet compile bf16"] = make_runner(ours, "compile", "bf16", compile_batch=batch)
         if with_openvino and cpu_has_native_bf16():
             runs["ecanfnet openvino bf16"] = make_runner(ours, "openvino", "bf16")
+    if with_openvino and calibration:
+        with contextlib.redirect_stdout(io.StringIO()):
+            trunk = quantize_trunk(ours, calibration, lambda x: x)
+        runs["ecanfnet openvino int8"] = make_runner(int8_model(ours, trunk))
     return runs
 
 
@@ -155,7 +192,7 @@ def machine() -> str:
     except OSError:
         pass
     versions = f"torch {torch.__version__}"
-    for package in ("onnxruntime", "openvino", "timm"):
+    for package in ("onnxruntime", "openvino", "nncf", "timm"):
         try:
             versions += f", {package} {importlib.metadata.version(package)}"
         except importlib.metadata.PackageNotFoundError:
@@ -173,6 +210,8 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (about a minute to build)")
     parser.add_argument("--bf16", choices=("auto", "yes", "no"), default="auto",
                         help="auto: only where the CPU has native bf16, and always at batch 1")
+    parser.add_argument("--int8", choices=("auto", "no"), default="auto",
+                        help="auto: the INT8 rows where nncf and openvino are installed")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -180,10 +219,12 @@ def main() -> None:
     results = []
     photos = real_photo_batch(args.image_size)
     print(f"# accuracy columns: logits on {len(photos)} real photos vs timm eager fp32")
+    with_int8 = args.int8 == "auto" and openvino_available() and importlib.util.find_spec("nncf") is not None
+    calibration = calibration_inputs(args.image_size) if with_int8 else None
     with tempfile.TemporaryDirectory() as tmp:
         for batch in args.batch_sizes:
             with_bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and (cpu_has_native_bf16() or batch == 1))
-            runs = candidates(batch, not args.no_compile, with_bf16, Path(tmp))
+            runs = candidates(batch, not args.no_compile, with_bf16, Path(tmp), calibration)
             x = torch.randn(batch, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(batch))
             agree = agreement(runs, photos)
             times = measure(runs, x, args.rounds, args.iters)

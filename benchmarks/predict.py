@@ -1,6 +1,18 @@
-"""End-to-end `predict` throughput against model-only throughput, same backend and batch, one run.
+"""End-to-end prediction on real-photo JPEGs: timm's own pipeline against `ecanfnet predict`, exact and fastest.
 
-Writes N photos (crops and flips of the real photos shipped with scikit-image and scikit-learn)
+Default (--mode pipelines): writes two folders from the real photos shipped with scikit-image and
+scikit-learn, 4032x3024 JPEGs (quality 90, sensor-like grain, ~2.5 MB) and 640x480 JPEGs, and runs
+on each, alternating, round after round, each as its own process the way a user would:
+  - timm's pipeline: timm.create_model (same randomised weights), its eval transform at the test size
+    (288), a DataLoader with 2 worker processes, eager fp32, batch 16;
+  - `ecanfnet predict --format json` (exact: the default decode, backend auto, fp32);
+  - `ecanfnet predict --fast` on an INT8 folder made by `ecanfnet quantize` (calibrated on the 640x480 photos).
+It prints images/s once the first batch is out (start-up excluded: model load, OpenVINO compile),
+the whole run's wall time, the peak RSS of each process (os.wait4's ru_maxrss: the largest of the
+process and its children, so timm's DataLoader workers count only if one of them is larger), and
+the ratios to timm's pipeline.
+
+--mode in-process: `predict` throughput against model-only throughput, same backend and batch. Writes N photos (crops and flips of the real photos shipped with scikit-image and scikit-learn)
 as JPEGs, then times Classifier.predict_files over them (decode + resize in worker threads
 while the model runs), with the exact decode and with decode="fast", and the model alone on ready
 tensors of the same batch size, alternating round by round.
@@ -10,14 +22,18 @@ so the files weigh what real 12 MP photos do); --stages also reports where one i
 stage by stage in one thread (decode, resize + crop, to tensor + normalise, model per image at the
 batch size), for both decodes.
 
-    python benchmarks/predict.py --images 200 --backend onnxruntime
-    python benchmarks/predict.py --images 48 --size 4032x3024 --grain 4 --stages
+    python benchmarks/predict.py                                    # the pipelines, 48 photos per folder
+    python benchmarks/predict.py --mode in-process --images 200 --backend onnxruntime
+    python benchmarks/predict.py --mode in-process --images 48 --size 4032x3024 --grain 4 --stages
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -91,17 +107,104 @@ def stage_times(clf: Classifier, paths: list[str], decode: str, batch_size: int)
     return {k: v / len(paths) for k, v in totals.items()}
 
 
+TIMM_PIPELINE = """
+import json, sys, torch, timm
+from pathlib import Path
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+folder, weights, batch = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+model = timm.create_model("eca_nfnet_l0", pretrained=True, pretrained_cfg_overlay=dict(file=weights)).eval()
+transform = create_transform(**resolve_data_config({}, model=model, use_test_size=True))
+paths = sorted(str(p) for p in folder.iterdir())
+class Files(torch.utils.data.Dataset):
+    def __len__(self): return len(paths)
+    def __getitem__(self, i): return transform(Image.open(paths[i]).convert("RGB")), i
+with torch.inference_mode():
+    for x, idx in torch.utils.data.DataLoader(Files(), batch_size=batch, num_workers=2):
+        top = model(x).softmax(-1).topk(5)
+        for i, classes in zip(idx.tolist(), top.indices.tolist()):
+            print(json.dumps({"path": paths[i], "top5": classes}), flush=True)
+"""
+
+
+def run_pipeline(cmd: list[str], batch: int) -> dict[str, float]:
+    """Run one pipeline process; images/s after its first batch, wall time, peak RSS (MB)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    stamps = [time.perf_counter() for line in proc.stdout if line.startswith("{")]
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0 or len(stamps) <= batch:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed (status {status}, {len(stamps)} results)")
+    return {"images_per_s": (len(stamps) - batch) / (stamps[-1] - stamps[batch - 1]), "wall_s": wall,
+            "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def pipelines(args: argparse.Namespace) -> None:
+    """timm's pipeline, `ecanfnet predict` exact and `ecanfnet predict --fast` on two folders (see the docstring)."""
+    from timm.models import save_for_hf
+
+    from conftest import timm_model
+
+    folders = {"4032x3024": ((4032, 3024), 4.0), "640x480": ((640, 480), 0.0)}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        save_for_hf(timm_model("eca_nfnet_l0", seed=0), str(tmp / "fp32"), safe_serialization=True)
+        sizes = {}
+        for name, (size, grain) in folders.items():
+            (tmp / name).mkdir()
+            paths = write_photos(tmp / name, args.images, size, grain)
+            sizes[name] = statistics.mean(Path(p).stat().st_size for p in paths) / 1e6
+        ecanfnet = [sys.executable, "-m", "ecanfnet"]
+        subprocess.run(ecanfnet + ["quantize", "--weights", str(tmp / "fp32"), "--calibration", str(tmp / "640x480"),
+                                   "--output", str(tmp / "int8"), "--min-agreement", "0", "--no-progress"],
+                       check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, stdout=subprocess.DEVNULL)
+        predict = ["predict", "--format", "json", "--no-progress", "--batch-size", str(args.batch_size)]
+        commands = {
+            "timm pipeline": lambda f: [sys.executable, "-c", TIMM_PIPELINE, str(f), str(tmp / "fp32" / "model.safetensors"),
+                                        str(args.batch_size)],
+            "ecanfnet predict (exact)": lambda f: ecanfnet + predict + ["--weights", str(tmp / "fp32"), str(f)],
+            "ecanfnet predict --fast (int8)": lambda f: ecanfnet + predict + ["--fast", "--weights", str(tmp / "int8"), str(f)],
+        }
+        results = {(f, c): [] for f in folders for c in commands}
+        for _ in range(args.rounds):
+            for folder in folders:
+                for name, command in commands.items():
+                    results[folder, name].append(run_pipeline(command(tmp / folder), args.batch_size))
+    print(f"# {args.images} JPEGs per folder, batch {args.batch_size}, {args.rounds} rounds; median of rounds")
+    for folder in folders:
+        print(f"\n## {folder} JPEGs, {sizes[folder]:.2f} MB on average")
+        print("| pipeline | images/s after the first batch | vs timm | whole run (s) | peak RSS (MB) |")
+        print("|---|---|---|---|---|")
+        anchor = statistics.median(r["images_per_s"] for r in results[folder, "timm pipeline"])
+        for name in commands:
+            rows = results[folder, name]
+            ips = statistics.median(r["images_per_s"] for r in rows)
+            print(f"| {name} | {ips:.2f} | {ips / anchor:.2f}x | {statistics.median(r['wall_s'] for r in rows):.1f} | "
+                  f"{max(r['peak_rss_mb'] for r in rows):.0f} |")
+    if args.json:
+        args.json.write_text(json.dumps({f"{f} / {c}": v for (f, c), v in results.items()}, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--mode", choices=("pipelines", "in-process"), default="pipelines")
+    parser.add_argument("--json", type=Path, help="pipelines: also write every round's numbers here")
+    parser.add_argument("--images", type=int, default=None, help="photos per folder (default: 48 pipelines, 200 in-process)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--backend", default="onnxruntime")
     parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--size", default=None, metavar="WxH", help="resize the photos to this size (e.g. 4032x3024)")
     parser.add_argument("--grain", type=float, default=0.0, metavar="SIGMA", help="add Gaussian noise of this sigma")
     parser.add_argument("--stages", action="store_true", help="also time each stage, exact and fast decode")
     args = parser.parse_args()
+    if args.mode == "pipelines":
+        args.images = args.images or 48
+        pipelines(args)
+        return
+    args.images = args.images or 200
     size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
 
     clf = Classifier(build_model().eval(), "cpu", args.backend, "fp32")

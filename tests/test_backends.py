@@ -160,7 +160,7 @@ def test_openvino_ir_is_cached_and_a_damaged_one_rebuilt(trio, tmp_path, monkeyp
         assert rel_err(make_runner(ours, "openvino", "fp32")(X), want) <= 1e-5
     assert conversions == [1, 1] and "does not match its checksum" in caplog.text
     xml.write_text("<net>damaged")  # unreadable, even with a checksum that matches
-    files[2].write_text(backends._ir_digest(xml) + "\n")
+    files[2].write_text(backends.ir_sha256(xml) + "\n")
     caplog.clear()
     with caplog.at_level("WARNING", logger="ecanfnet"):
         assert rel_err(make_runner(ours, "openvino", "fp32")(X), want) <= 1e-5

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import openvino
 
 BACKENDS = ("torch", "compile", "onnxruntime", "openvino")
+FASTEST = "fastest"  # a precision request: the quickest this model runs at here (fastest_precision)
 ONNX_OPSET = 17
 # OpenVINO element types of the precisions it runs; the compiled model is asked for exactly this one.
 OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
@@ -120,17 +121,20 @@ def make_runner(model: ECANFNet, backend: str = "auto", precision: str | None = 
                 device: str | torch.device | None = None, compile_batch: int | None = None) -> Runner:
     """Fold the model and wrap it in the requested backend (see BACKENDS; 'auto' picks the fastest fp32).
 
-    precision None: the model's own (fp32; int8 for an INT8 model, see quantize.py).
+    precision None: the model's own (fp32; int8 for an INT8 model, see quantize.py); "fastest": see
+    fastest_precision.
     """
     int8 = hasattr(model, "openvino_trunk")
     device = torch.device(device) if device is not None else torch.device("cpu") if int8 else next(model.parameters()).device
     if int8:  # an INT8 model (quantize.QuantizedECANFNet)
-        return _int8_runner(model, backend, precision or "int8", device)
+        return _int8_runner(model, backend, "int8" if precision in (None, FASTEST) else precision, device)
     precision = precision or "fp32"
     if precision == "int8":
         raise BackendError("int8 runs an INT8 model folder: make one with `ecanfnet quantize --weights SRC "
                            "--calibration IMAGES --output OUT`, then pass --weights OUT")
     backend = resolve_backend(backend, device)
+    if precision == FASTEST:
+        precision = fastest_precision(backend, device)
     check_combination(precision, backend, device)
     if backend == "onnxruntime":
         return Runner(_onnxruntime_fn(model), backend, precision, device)
@@ -144,6 +148,19 @@ def make_runner(model: ECANFNet, backend: str = "auto", precision: str | None = 
     else:
         fn = _torch_fn(folded, device, PRECISIONS[precision])
     return Runner(fn, backend, precision, device)
+
+
+def fastest_precision(backend: str, device: torch.device) -> str:
+    """The quickest precision a float model runs at on this backend and device (an INT8 model: int8 always).
+
+    bf16 where it is computed natively (CUDA; CPUs with avx512_bf16 or AMX, on the torch, compile and
+    openvino backends), else fp32. Not exact: bf16 logits differ from fp32's in the second or third digit.
+    """
+    if device.type == "cuda":
+        return "bf16"
+    if device.type == "cpu" and backend in ("torch", "compile", "openvino") and cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
 
 
 def _int8_runner(model, backend: str, precision: str, device: torch.device) -> Runner:

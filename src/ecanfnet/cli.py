@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--format", choices=("table", "json"), default="table")
     _add_device_option(v)
     v.add_argument("--no-progress", action="store_true", help="no progress on stderr")
-    _add_decode_option(v)
+    _add_decode_option(v, fast_switch=False)
     v.set_defaults(func=run_evaluate)
 
     m = sub.add_parser("embed", help="pooled 2304-d embeddings of images, for retrieval and deduplication",
@@ -279,10 +279,15 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
                         "bf16 (CUDA, or CPUs with native bf16), fp16 (CUDA)")
 
 
-def _add_decode_option(p: argparse.ArgumentParser) -> None:
+def _add_decode_option(p: argparse.ArgumentParser, fast_switch: bool = True) -> None:
     p.add_argument("--decode", choices=("exact", "fast"), default="exact",
                    help="exact (default: the same pixels as timm) or fast: JPEGs decoded at 1/2, 1/4 or 1/8 scale "
                         "in libjpeg, never below twice the resized size (faster on large photos, not bit-equal)")
+    if fast_switch:
+        p.add_argument("--fast", action="store_true",
+                       help="the fastest path, not exact: --decode fast, the fastest backend, and the quickest "
+                            "precision (int8 for an INT8 folder from `ecanfnet quantize`, else bf16 where the "
+                            "hardware has it natively, else fp32); an explicit --precision still wins")
 
 
 def _add_device_option(p: argparse.ArgumentParser,
@@ -369,9 +374,10 @@ def run_predict(args: argparse.Namespace) -> int:
     from .progress import progress
     from .transforms import MAX_IMAGE_PIXELS
 
+    device = _device(args.device)
     paths, problems = find_images(args.paths)
     model = _load_model(args.weights)
-    classifier = Classifier(model, _device_for(args.device, model), _backend_for(args.backend, len(paths), args.weights),
+    classifier = Classifier(model, _device_for(args.device, model, device), _backend_for(args.backend, len(paths), args.weights),
                             args.precision)
 
     emit = _print_json if args.format == "json" else _print_table
@@ -398,11 +404,12 @@ def _load_model(weights: str | None):
     return create_model(pretrained=weights if weights is not None else True, int8_ok=True)
 
 
-def _device_for(name: str, model):
-    """_device(name), except that 'auto' is the CPU for an INT8 model (it runs on OpenVINO's CPU plugin)."""
+def _device_for(name: str, model, device):
+    """device (from _device(name), checked before the model loads), except that 'auto' is the CPU for an INT8
+    model (it runs on OpenVINO's CPU plugin)."""
     import torch
 
-    return torch.device("cpu") if name == "auto" and hasattr(model, "openvino_trunk") else _device(name)
+    return torch.device("cpu") if name == "auto" and hasattr(model, "openvino_trunk") else device
 
 
 def _backend_for(backend: str, n_images: int, weights: str | None) -> str:
@@ -571,10 +578,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .quantize import is_int8
     from .training.evaluate import evaluate_folder, write_per_class_csv
 
+    device = _device(args.device)
     if args.per_class_csv is not None:
         check_output_file(args.per_class_csv)
     model = _load_model(args.weights)
-    forward = make_runner(model, "auto" if is_int8(model) else "torch", None, _device_for(args.device, model))
+    forward = make_runner(model, "auto" if is_int8(model) else "torch", None, _device_for(args.device, model, device))
     try:
         report = evaluate_folder(model, args.data, args.batch_size, args.workers, forward=forward,
                                  progress=not args.no_progress,
@@ -660,7 +668,7 @@ def run_serve(args: argparse.Namespace) -> int:
                "as HTTP headers carry it")
         return EXIT_USAGE
     loopback = host_allowed(args.host)
-    _device(args.device)  # a bad --device fails before the port is taken
+    device = _device(args.device)  # a bad --device fails before the port is taken
     if not loopback and api_key is None:
         warnings.warn(f"serving on {args.host} without an API key: anyone who can reach this port can use it",
                       stacklevel=1)
@@ -671,7 +679,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     with sock:
         model = _load_model(args.weights)
-        engine = InferenceEngine(model, args.backend, args.precision, _device_for(args.device, model))
+        engine = InferenceEngine(model, args.backend, args.precision, _device_for(args.device, model, device))
         settings = ServeSettings(
             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
             max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels, timeout_s=args.timeout_s,
@@ -729,6 +737,8 @@ def _print_table(result: ImageResult, write: Callable[..., None]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ecanfnet` console script."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "fast", False):
+        args.decode, args.precision = "fast", args.precision or "fastest"
     from PIL import Image
 
     # load_image enforces its own pixel limit with a per-file error; PIL's warning would only repeat it.
