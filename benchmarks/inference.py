@@ -122,7 +122,7 @@ def candidates(batch: int, with_compile: bool, with_bf16: bool, folder: Path,
     runs["ecanfnet torch fp32"] = make_runner(ours, "torch", "fp32")
     runs["ecanfnet onnxruntime fp32"] = make_runner(ours, "onnxruntime", "fp32")
     if with_openvino:
-        runs["ecanfnet openvino fp32"] = make_runner(ours, "openvino", "fp32")
+        runs["ecanfnet openvino fp32"] = make_runner(ours, "openvino", "fp32", compile_batch=batch)
     if with_compile:
         runs["ecanfnet compile fp32"] = make_runner(ours, "compile", "fp32", compile_batch=batch)
     if with_bf16:
@@ -132,11 +132,11 @@ def candidates(batch: int, with_compile: bool, with_bf16: bool, folder: Path,
             if with_compile and cpu_has_native_bf16():
                 runs["ecanfnet compile bf16"] = make_runner(ours, "compile", "bf16", compile_batch=batch)
         if with_openvino and cpu_has_native_bf16():
-            runs["ecanfnet openvino bf16"] = make_runner(ours, "openvino", "bf16")
+            runs["ecanfnet openvino bf16"] = make_runner(ours, "openvino", "bf16", compile_batch=batch)
     if with_openvino and calibration:
         with contextlib.redirect_stdout(io.StringIO()):
             trunk = quantize_trunk(ours, calibration, lambda x: x)
-        runs["ecanfnet openvino int8"] = make_runner(int8_model(ours, trunk))
+        runs["ecanfnet openvino int8"] = make_runner(int8_model(ours, trunk), compile_batch=batch)
     return runs
 
 

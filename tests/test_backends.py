@@ -104,6 +104,28 @@ def test_openvino_f32_is_exact_at_other_sizes(trio):
 
 
 @needs_openvino
+def test_openvino_static_batch_pads_and_falls_back_exactly(trio, monkeypatch):
+    """compile_batch=3: compiled once for (3, 3, 160, 136); batches of 1..3 padded to it (rows kept apart),
+    a batch of 5 and another image size run on the dynamic model; every row equals timm's."""
+    ref, ours, _ = trio
+    compiled = []
+    real = backends._compile_checked
+    monkeypatch.setattr(backends, "_compile_checked",
+                        lambda core, model, want: compiled.append(str(model.inputs[0].get_partial_shape()))
+                        or real(core, model, want))
+    runner = make_runner(ours, "openvino", "fp32", compile_batch=3)
+    assert compiled == []  # compiled at the first call, for its image size
+    x = torch.randn(5, 3, 160, 136, generator=torch.Generator().manual_seed(13))
+    y = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(14))
+    with torch.no_grad():
+        want_x, want_y = ref(x), ref(y)
+    for rows in (slice(0, 3), slice(3, 4), slice(0, 5), slice(1, 3)):
+        assert rel_err(runner(x[rows]), want_x[rows]) <= 1e-5
+    assert rel_err(runner(y), want_y) <= 1e-5
+    assert compiled == ["[3,3,160,136]", "[?,3,?,?]"]  # one static model, one dynamic, each compiled once
+
+
+@needs_openvino
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (avx512_bf16/amx)")
 def test_openvino_bf16_agrees_with_fp32(trio):
     _, ours, want = trio

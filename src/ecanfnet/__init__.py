@@ -42,6 +42,10 @@ _EXPORTS = {
     "export_onnx": "backends",
     "export_torchscript": "backends",
     "BackendError": "errors",
+    "quantize_folder": "quantize",
+    "load_int8_folder": "quantize",
+    "QuantizeError": "quantize",
+    "QuantizedECANFNet": "quantize",
 }
 
 __all__ = ["__version__", *_EXPORTS]

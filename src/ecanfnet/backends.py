@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import torch
 
 from .errors import BackendError
@@ -121,13 +122,16 @@ def make_runner(model: ECANFNet, backend: str = "auto", precision: str | None = 
                 device: str | torch.device | None = None, compile_batch: int | None = None) -> Runner:
     """Fold the model and wrap it in the requested backend (see BACKENDS; 'auto' picks the fastest fp32).
 
+    compile_batch: the batch size the runner will mostly see; compile pads to it, OpenVINO compiles for it
+    (smaller batches padded, larger ones on a dynamic-shape model).
+
     precision None: the model's own (fp32; int8 for an INT8 model, see quantize.py); "fastest": see
     fastest_precision.
     """
     int8 = hasattr(model, "openvino_trunk")
     device = torch.device(device) if device is not None else torch.device("cpu") if int8 else next(model.parameters()).device
     if int8:  # an INT8 model (quantize.QuantizedECANFNet)
-        return _int8_runner(model, backend, "int8" if precision in (None, FASTEST) else precision, device)
+        return _int8_runner(model, backend, "int8" if precision in (None, FASTEST) else precision, device, compile_batch)
     precision = precision or "fp32"
     if precision == "int8":
         raise BackendError("int8 runs an INT8 model folder: make one with `ecanfnet quantize --weights SRC "
@@ -140,7 +144,7 @@ def make_runner(model: ECANFNet, backend: str = "auto", precision: str | None = 
         return Runner(_onnxruntime_fn(model), backend, precision, device)
     if backend == "openvino":
         core = openvino_core()
-        fn = _openvino_fn(core, cached_openvino_model(model, core), OPENVINO_PRECISIONS[precision])
+        fn = _openvino_fn(core, cached_openvino_model(model, core), OPENVINO_PRECISIONS[precision], compile_batch)
         return Runner(fn, backend, precision, device)
     folded = prepare_for_inference(model, precision, channels_last=True, device=device)
     if backend == "compile":
@@ -163,8 +167,8 @@ def fastest_precision(backend: str, device: torch.device) -> str:
     return "fp32"
 
 
-def _int8_runner(model, backend: str, precision: str, device: torch.device) -> Runner:
-    """An INT8 model's runner: its trunk compiled by OpenVINO, then its fp32 classifier (if any) in torch."""
+def _int8_runner(model, backend: str, precision: str, device: torch.device, static_batch: int | None) -> Runner:
+    """An INT8 model's runner: its OpenVINO model (INT8 trunk, fp32 classifier) compiled for the CPU."""
     if backend not in ("auto", "openvino"):
         raise BackendError(f"an INT8 model runs on the openvino backend (asked for {backend})")
     if precision != "int8":
@@ -174,15 +178,8 @@ def _int8_runner(model, backend: str, precision: str, device: torch.device) -> R
         raise BackendError(f"an INT8 model runs on the CPU (asked for {device}); use --device cpu")
     if not openvino_available():
         raise BackendError("INT8 models need the openvino extra: pip install 'ecanfnet[openvino]'")
-    # f32: the layers NNCF left in float stay exact (bf16 measured no faster here, docs/benchmarks.md).
-    trunk = _openvino_fn(openvino_core(), model.openvino_trunk, "f32")
-    head = model.head.fc
-
-    def run(batch: torch.Tensor) -> torch.Tensor:
-        features = trunk(batch)
-        with torch.inference_mode():
-            return head(features)
-    return Runner(run, "openvino", "int8", device)
+    # f32: the layers NNCF left in float stay exact (bf16 measured no faster, docs/benchmarks.md#int8).
+    return Runner(_openvino_fn(openvino_core(), model.openvino_model(), "f32", static_batch), "openvino", "int8", device)
 
 
 def _torch_fn(module: Callable, device: torch.device, dtype: torch.dtype,
@@ -258,22 +255,53 @@ def _openvino_config(want: str) -> dict[str, object]:
             "INFERENCE_NUM_THREADS": openvino_threads()}
 
 
-def _openvino_fn(core: "openvino.Core", ov_model: "openvino.Model", want: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """batch -> first output of ov_model compiled for the CPU at precision `want` (read back and checked)."""
+def _openvino_fn(core: "openvino.Core", ov_model: "openvino.Model", want: str,
+                 static_batch: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """batch -> first output of ov_model compiled for the CPU at precision `want` (read back and checked).
+
+    static_batch: compile, at the first call, for exactly (static_batch, C, H, W) of that call's image size,
+    padding smaller batches (6-8 % faster than dynamic shapes at batch 1 and 8: docs/benchmarks.md); a larger
+    batch or another image size runs on the dynamic-shape model, compiled when first needed. Without it,
+    only the dynamic-shape model, compiled now. One compiled model holds its own copy of the weights, so
+    a caller that knows its batch size gets one, and one that does not (the server) gets the other.
+    """
+    requests: dict[object, "openvino.InferRequest"] = {}
+    if static_batch is None:
+        requests["dynamic"] = _compile_checked(core, ov_model, want).create_infer_request()
+    lock = threading.Lock()  # infer requests reuse their output buffers: one call at a time
+
+    def request_for(shape: tuple[int, ...]) -> tuple["openvino.InferRequest", int | None]:
+        static = (static_batch, *shape[1:])
+        fits = static_batch is not None and shape[0] <= static_batch
+        if fits and (static in requests or not any(key != "dynamic" for key in requests)):
+            if static not in requests:
+                model = ov_model.clone()
+                model.reshape({0: list(static)})
+                requests[static] = _compile_checked(core, model, want).create_infer_request()
+            return requests[static], static_batch
+        if "dynamic" not in requests:
+            requests["dynamic"] = _compile_checked(core, ov_model, want).create_infer_request()
+        return requests["dynamic"], None
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        array, n = batch.float().contiguous().numpy(), batch.shape[0]
+        with lock:
+            request, padded_to = request_for(tuple(array.shape))
+            if padded_to is not None and n < padded_to:
+                array = np.concatenate([array, np.zeros((padded_to - n, *array.shape[1:]), np.float32)])
+            request.infer({0: array}, share_inputs=True)
+            return torch.from_numpy(request.get_output_tensor(0).data[:n].copy())
+    return run
+
+
+def _compile_checked(core: "openvino.Core", ov_model: "openvino.Model", want: str) -> "openvino.CompiledModel":
+    """ov_model compiled for the CPU at inference precision `want`, which is read back (BackendError if not it)."""
     compiled = core.compile_model(ov_model, "CPU", _openvino_config(want))
     got = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
     if got != want:
         raise BackendError(f"OpenVINO compiled the model for {got}, not the {want} asked for; "
                            "use --backend onnxruntime")
-    request = compiled.create_infer_request()
-    lock = threading.Lock()  # one infer request, whose output buffer is reused: one call at a time
-
-    def run(batch: torch.Tensor) -> torch.Tensor:
-        array = batch.float().contiguous().numpy()
-        with lock:
-            request.infer({0: array}, share_inputs=True)
-            return torch.from_numpy(request.get_output_tensor(0).data.copy())
-    return run
+    return compiled
 
 
 def cache_dir() -> Path:

@@ -378,7 +378,7 @@ def run_predict(args: argparse.Namespace) -> int:
     paths, problems = find_images(args.paths)
     model = _load_model(args.weights)
     classifier = Classifier(model, _device_for(args.device, model, device), _backend_for(args.backend, len(paths), args.weights),
-                            args.precision)
+                            args.precision, batch_size=args.batch_size)
 
     emit = _print_json if args.format == "json" else _print_table
     failed = 0

@@ -202,7 +202,7 @@ def embed_files(paths: list[str], output: str | Path, weights: WeightsSource | b
     if rank != 0:
         _start_or_check_parts(out, plan)
 
-    runner = make_runner(net, backend, precision, device)
+    runner = make_runner(net, backend, precision, device, compile_batch=batch_size)
     transform = eval_transform(net.pretrained_cfg)
     mine = list(range(rank, len(plan["shards"]), world))
     todo = [i for i in mine if not _shard_done(out, i, plan, rank)]

@@ -152,12 +152,15 @@ class Classifier:
     """A model plus the preprocessing and labels its checkpoint carries, run on a chosen backend."""
 
     def __init__(self, model: ECANFNet, device: str | torch.device | None = None,
-                 backend: str = "auto", precision: str | None = None) -> None:
-        """precision None: the model's own (fp32, or int8 for an INT8 model, which runs on the CPU)."""
+                 backend: str = "auto", precision: str | None = None, *, batch_size: int | None = None) -> None:
+        """precision None: the model's own (fp32, or int8 for an INT8 model, which runs on the CPU).
+
+        batch_size: the batch size predict_files will be called with, when known: OpenVINO then compiles
+        for exactly that shape (faster; see make_runner's compile_batch)."""
         int8 = hasattr(model, "openvino_trunk")
         self.device = torch.device(device) if device is not None else torch.device("cpu") if int8 else default_device()
         self.model = model.eval()
-        self.runner = make_runner(model, backend, precision, self.device)
+        self.runner = make_runner(model, backend, precision, self.device, compile_batch=batch_size)
         self.transform = eval_transform(model.pretrained_cfg)
         self.labels = label_names_for(model.pretrained_cfg, model.num_classes)
 

@@ -89,6 +89,24 @@ class QuantizedECANFNet(nn.Module):
         """The INT8 trunk as an OpenVINO model (what make_runner compiles)."""
         return self._trunk.value
 
+    def openvino_model(self) -> openvino.Model:
+        """What make_runner compiles: the trunk, followed by the fp32 classifier (MatMul + Add) when there is one.
+
+        In OpenVINO rather than torch: one call a batch, and no torch thread pool spinning beside OpenVINO's
+        (measured 2-3 % faster at batch 1 and 8).
+        """
+        fc = self.head.fc
+        if not isinstance(fc, nn.Linear):
+            return self.openvino_trunk
+        import openvino as ov
+        import openvino.opset13 as ops
+
+        features = self.openvino_trunk.get_results()[0].input_value(0)
+        weight, bias = fc.weight.detach().float().numpy(), fc.bias.detach().float().numpy()
+        logits = ops.add(ops.matmul(features, ops.constant(weight), False, True), ops.constant(bias))
+        logits.output(0).get_tensor().set_names({"logits"})
+        return ov.Model([logits.output(0)], self.openvino_trunk.get_parameters(), "ecanfnet-int8")
+
     def reset_classifier(self, num_classes: int) -> None:
         """Drop the classifier (num_classes=0: the model outputs pooled features); an INT8 model gets no new one."""
         if num_classes != 0:
