@@ -7,10 +7,10 @@ on each, alternating, round after round, each as its own process the way a user 
     (288), a DataLoader with 2 worker processes, eager fp32, batch 16;
   - `ecanfnet predict --format json` (exact: the default decode, backend auto, fp32);
   - `ecanfnet predict --fast` on an INT8 folder made by `ecanfnet quantize` (calibrated on the 640x480 photos).
-It prints images/s once the first batch is out (start-up excluded: model load, OpenVINO compile),
-the whole run's wall time, the peak RSS of each process (os.wait4's ru_maxrss: the largest of the
-process and its children, so timm's DataLoader workers count only if one of them is larger), and
-the ratios to timm's pipeline.
+Images/s are timed in this process, alternating, with each model loaded and warmed up beforehand
+(what each command does once started: the CLI is a thin layer over these calls; timm's DataLoader
+workers start within the timing, as they do on every run). Peak RSS is each command run as its own
+process on the folder (VmHWM of that process, polled; timm's two worker processes come on top of it).
 
 --mode in-process: `predict` throughput against model-only throughput, same backend and batch. Writes N photos (crops and flips of the real photos shipped with scikit-image and scikit-learn)
 as JPEGs, then times Classifier.predict_files over them (decode + resize in worker threads
@@ -22,7 +22,7 @@ so the files weigh what real 12 MP photos do); --stages also reports where one i
 stage by stage in one thread (decode, resize + crop, to tensor + normalise, model per image at the
 batch size), for both decodes.
 
-    python benchmarks/predict.py                                    # the pipelines, 48 photos per folder
+    python benchmarks/predict.py                                    # the pipelines, 96 photos per folder
     python benchmarks/predict.py --mode in-process --images 200 --backend onnxruntime
     python benchmarks/predict.py --mode in-process --images 48 --size 4032x3024 --grain 4 --stages
 """
@@ -112,86 +112,117 @@ import json, sys, torch, timm
 from pathlib import Path
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
-folder, weights, batch = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-model = timm.create_model("eca_nfnet_l0", pretrained=True, pretrained_cfg_overlay=dict(file=weights)).eval()
-transform = create_transform(**resolve_data_config({}, model=model, use_test_size=True))
-paths = sorted(str(p) for p in folder.iterdir())
-class Files(torch.utils.data.Dataset):
-    def __len__(self): return len(paths)
-    def __getitem__(self, i): return transform(Image.open(paths[i]).convert("RGB")), i
-with torch.inference_mode():
-    for x, idx in torch.utils.data.DataLoader(Files(), batch_size=batch, num_workers=2):
-        top = model(x).softmax(-1).topk(5)
-        for i, classes in zip(idx.tolist(), top.indices.tolist()):
-            print(json.dumps({"path": paths[i], "top5": classes}), flush=True)
+
+def timm_pipeline(model, paths, batch):
+    transform = create_transform(**resolve_data_config({}, model=model, use_test_size=True))
+    class Files(torch.utils.data.Dataset):
+        def __len__(self): return len(paths)
+        def __getitem__(self, i): return transform(Image.open(paths[i]).convert("RGB")), i
+    with torch.inference_mode():
+        for x, idx in torch.utils.data.DataLoader(Files(), batch_size=batch, num_workers=2):
+            top = model(x).softmax(-1).topk(5)
+            for i, classes in zip(idx.tolist(), top.indices.tolist()):
+                yield {"path": paths[i], "top5": classes}
+
+if __name__ == "__main__":
+    folder, weights, batch = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    model = timm.create_model("eca_nfnet_l0", pretrained=True, pretrained_cfg_overlay=dict(file=weights)).eval()
+    for row in timm_pipeline(model, sorted(str(p) for p in folder.iterdir()), batch):
+        print(json.dumps(row), flush=True)
 """
 
 
-def run_pipeline(cmd: list[str], batch: int) -> dict[str, float]:
-    """Run one pipeline process; images/s after its first batch, wall time, peak RSS (MB)."""
+def peak_rss_mb(cmd: list[str]) -> float:
+    """Run cmd to the end; the largest VmHWM its own process reached (polled; MB). Its children are not counted."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    stamps = [time.perf_counter() for line in proc.stdout if line.startswith("{")]
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if status != 0 or len(stamps) <= batch:
-        raise RuntimeError(f"{' '.join(cmd[:4])} failed (status {status}, {len(stamps)} results)")
-    return {"images_per_s": (len(stamps) - batch) / (stamps[-1] - stamps[batch - 1]), "wall_s": wall,
-            "peak_rss_mb": usage.ru_maxrss / 1024}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    peak = 0.0
+    while proc.poll() is None:
+        try:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]) / 1024)
+        except OSError:
+            pass
+        time.sleep(0.05)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} exited with {proc.returncode}")
+    return peak
 
 
 def pipelines(args: argparse.Namespace) -> None:
     """timm's pipeline, `ecanfnet predict` exact and `ecanfnet predict --fast` on two folders (see the docstring)."""
+    import timm
     from timm.models import save_for_hf
 
     from conftest import timm_model
+    from ecanfnet import create_model
 
+    namespace: dict = {"__name__": "timm_pipeline"}
+    exec(TIMM_PIPELINE, namespace)  # the same code as the child process runs, in this process for the timing
     folders = {"4032x3024": ((4032, 3024), 4.0), "640x480": ((640, 480), 0.0)}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         save_for_hf(timm_model("eca_nfnet_l0", seed=0), str(tmp / "fp32"), safe_serialization=True)
-        sizes = {}
+        paths, sizes = {}, {}
         for name, (size, grain) in folders.items():
             (tmp / name).mkdir()
-            paths = write_photos(tmp / name, args.images, size, grain)
-            sizes[name] = statistics.mean(Path(p).stat().st_size for p in paths) / 1e6
+            paths[name] = write_photos(tmp / name, args.images, size, grain)
+            sizes[name] = statistics.mean(Path(p).stat().st_size for p in paths[name]) / 1e6
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
         ecanfnet = [sys.executable, "-m", "ecanfnet"]
         subprocess.run(ecanfnet + ["quantize", "--weights", str(tmp / "fp32"), "--calibration", str(tmp / "640x480"),
                                    "--output", str(tmp / "int8"), "--min-agreement", "0", "--no-progress"],
-                       check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, stdout=subprocess.DEVNULL)
-        predict = ["predict", "--format", "json", "--no-progress", "--batch-size", str(args.batch_size)]
+                       check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        weights = str(tmp / "fp32" / "model.safetensors")
+        timm_net = timm.create_model("eca_nfnet_l0", pretrained=True, pretrained_cfg_overlay=dict(file=weights)).eval()
+        exact = Classifier(create_model(pretrained=tmp / "fp32"), "cpu", "auto", None, batch_size=args.batch_size)
+        fast = Classifier(create_model(pretrained=tmp / "int8", int8_ok=True), "cpu", "auto", "fastest",
+                          batch_size=args.batch_size)
+        b = args.batch_size
+        runs = {  # what each command does once its model is loaded (the CLI is a thin layer over these)
+            "timm pipeline": lambda p: list(namespace["timm_pipeline"](timm_net, p, b)),
+            "ecanfnet predict (exact)": lambda p: list(exact.predict_files(p, batch_size=b)),
+            "ecanfnet predict --fast (int8)": lambda p: list(fast.predict_files(p, batch_size=b, decode="fast")),
+        }
+        for folder in folders:  # warm-up: compiled shapes, first-call allocations
+            for fn in runs.values():
+                fn(paths[folder][:b])
+        ips = {(f, n): [] for f in folders for n in runs}
+        for _ in range(args.rounds):
+            for folder in folders:
+                for name, fn in runs.items():
+                    start = time.perf_counter()
+                    assert len(fn(paths[folder])) == args.images
+                    ips[folder, name].append(args.images / (time.perf_counter() - start))
+        predict = ["predict", "--format", "json", "--no-progress", "--batch-size", str(b)]
         commands = {
-            "timm pipeline": lambda f: [sys.executable, "-c", TIMM_PIPELINE, str(f), str(tmp / "fp32" / "model.safetensors"),
-                                        str(args.batch_size)],
+            "timm pipeline": lambda f: [sys.executable, "-c", TIMM_PIPELINE, str(f), weights, str(b)],
             "ecanfnet predict (exact)": lambda f: ecanfnet + predict + ["--weights", str(tmp / "fp32"), str(f)],
             "ecanfnet predict --fast (int8)": lambda f: ecanfnet + predict + ["--fast", "--weights", str(tmp / "int8"), str(f)],
         }
-        results = {(f, c): [] for f in folders for c in commands}
-        for _ in range(args.rounds):
-            for folder in folders:
-                for name, command in commands.items():
-                    results[folder, name].append(run_pipeline(command(tmp / folder), args.batch_size))
-    print(f"# {args.images} JPEGs per folder, batch {args.batch_size}, {args.rounds} rounds; median of rounds")
+        rss = {(f, n): peak_rss_mb(cmd(tmp / f)) for f in folders for n, cmd in commands.items()}
+    print(f"# {args.images} JPEGs per folder, batch {b}, {args.rounds} rounds alternating; images/s: median of rounds, "
+          "model loaded beforehand; peak RSS: the command run as its own process")
     for folder in folders:
         print(f"\n## {folder} JPEGs, {sizes[folder]:.2f} MB on average")
-        print("| pipeline | images/s after the first batch | vs timm | whole run (s) | peak RSS (MB) |")
+        print("| pipeline | images/s | vs timm pipeline | peak RSS (MB) | vs timm |")
         print("|---|---|---|---|---|")
-        anchor = statistics.median(r["images_per_s"] for r in results[folder, "timm pipeline"])
-        for name in commands:
-            rows = results[folder, name]
-            ips = statistics.median(r["images_per_s"] for r in rows)
-            print(f"| {name} | {ips:.2f} | {ips / anchor:.2f}x | {statistics.median(r['wall_s'] for r in rows):.1f} | "
-                  f"{max(r['peak_rss_mb'] for r in rows):.0f} |")
+        anchor, anchor_rss = statistics.median(ips[folder, "timm pipeline"]), rss[folder, "timm pipeline"]
+        for name in runs:
+            value = statistics.median(ips[folder, name])
+            print(f"| {name} | {value:.2f} | {value / anchor:.2f}x | {rss[folder, name]:.0f} | "
+                  f"{rss[folder, name] / anchor_rss:.2f}x |")
     if args.json:
-        args.json.write_text(json.dumps({f"{f} / {c}": v for (f, c), v in results.items()}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"images_per_s": {f"{f} / {n}": v for (f, n), v in ips.items()},
+                                         "peak_rss_mb": {f"{f} / {n}": v for (f, n), v in rss.items()}}, indent=2) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=("pipelines", "in-process"), default="pipelines")
     parser.add_argument("--json", type=Path, help="pipelines: also write every round's numbers here")
-    parser.add_argument("--images", type=int, default=None, help="photos per folder (default: 48 pipelines, 200 in-process)")
+    parser.add_argument("--images", type=int, default=None, help="photos per folder (default: 96 pipelines, 200 in-process)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--backend", default="onnxruntime")
     parser.add_argument("--workers", type=int, default=None)
@@ -201,7 +232,7 @@ def main() -> None:
     parser.add_argument("--stages", action="store_true", help="also time each stage, exact and fast decode")
     args = parser.parse_args()
     if args.mode == "pipelines":
-        args.images = args.images or 48
+        args.images = args.images or 96
         pipelines(args)
         return
     args.images = args.images or 200

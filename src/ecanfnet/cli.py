@@ -379,6 +379,7 @@ def run_predict(args: argparse.Namespace) -> int:
     model = _load_model(args.weights)
     classifier = Classifier(model, _device_for(args.device, model, device), _backend_for(args.backend, len(paths), args.weights),
                             args.precision, batch_size=args.batch_size)
+    del model  # the classifier keeps it where it runs it; otherwise the runtime holds the weights
 
     emit = _print_json if args.format == "json" else _print_table
     failed = 0
@@ -680,6 +681,7 @@ def run_serve(args: argparse.Namespace) -> int:
     with sock:
         model = _load_model(args.weights)
         engine = InferenceEngine(model, args.backend, args.precision, _device_for(args.device, model, device))
+        del model  # the engine keeps what it runs
         settings = ServeSettings(
             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
             max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels, timeout_s=args.timeout_s,

@@ -149,7 +149,11 @@ def default_device() -> torch.device:
 
 
 class Classifier:
-    """A model plus the preprocessing and labels its checkpoint carries, run on a chosen backend."""
+    """A model plus the preprocessing and labels its checkpoint carries, run on a chosen backend.
+
+    .model is the torch model on the torch and compile backends, None on the others (their runtime holds
+    the weights).
+    """
 
     def __init__(self, model: ECANFNet, device: str | torch.device | None = None,
                  backend: str = "auto", precision: str | None = None, *, batch_size: int | None = None) -> None:
@@ -159,8 +163,10 @@ class Classifier:
         for exactly that shape (faster; see make_runner's compile_batch)."""
         int8 = hasattr(model, "openvino_trunk")
         self.device = torch.device(device) if device is not None else torch.device("cpu") if int8 else default_device()
-        self.model = model.eval()
-        self.runner = make_runner(model, backend, precision, self.device, compile_batch=batch_size)
+        self.runner = make_runner(model.eval(), backend, precision, self.device, compile_batch=batch_size)
+        # The torch model is kept only where it is what runs: the other runtimes hold their own copy of the
+        # weights, and a second one (~95 MB for L0) would be dead weight once the caller lets go of it.
+        self.model: ECANFNet | None = model if self.runner.backend in ("torch", "compile") else None
         self.transform = eval_transform(model.pretrained_cfg)
         self.labels = label_names_for(model.pretrained_cfg, model.num_classes)
 
