@@ -284,3 +284,15 @@ def test_cpu_only_backends_on_a_gpu_device_are_refused(trio, backend):
         pytest.skip(f"{backend} not installed")
     with pytest.raises(BackendError, match="runs on the CPU"):
         make_runner(trio[1], backend, "fp32", device="cuda")
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_fastest_precision_is_bf16_only_where_native(monkeypatch, native_bf16):
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: native_bf16)
+    cpu = torch.device("cpu")
+    for backend in ("torch", "compile", "openvino"):
+        assert backends.fastest_precision(backend, cpu) == ("bf16" if native_bf16 else "fp32")
+    assert backends.fastest_precision("onnxruntime", cpu) == "fp32"  # it runs fp32 only
+    assert backends.fastest_precision("torch", torch.device("cuda")) == "bf16"
+    ours = build_model("eca_nfnet_l0", 3).eval()
+    assert make_runner(ours, "torch", "fastest").precision == ("bf16" if native_bf16 else "fp32")

@@ -314,3 +314,24 @@ def test_importing_the_cli_does_not_import_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_fast_switch_means_fast_decode_and_the_quickest_precision(capsys, tmp_path, monkeypatch, photo_dir):
+    """--fast reaches the library as decode="fast" and precision "fastest"; an explicit --precision wins."""
+    import ecanfnet.inference as inference
+    from hostile import small_model_folder
+
+    folder = small_model_folder(tmp_path / "small", 3, size=64)
+    seen = []
+    real_runner, real_batches = inference.make_runner, inference.decoded_batches
+    monkeypatch.setattr(inference, "make_runner", lambda *a, **k: seen.append(("precision", a[2])) or real_runner(*a, **k))
+    monkeypatch.setattr(inference, "decoded_batches",
+                        lambda *a, **k: seen.append(("decode", a[5])) or real_batches(*a, **k))
+    for extra, want in (([], [("precision", None), ("decode", "exact")]),
+                        (["--fast"], [("precision", "fastest"), ("decode", "fast")]),
+                        (["--fast", "--precision", "fp32"], [("precision", "fp32"), ("decode", "fast")])):
+        seen.clear()
+        code, out, err = run_cli(capsys, "predict", "--weights", str(folder), "--no-progress", *extra, str(photo_dir))
+        assert code == 0 and seen == want, (extra, seen, err)
+        assert len(read_json_lines(run_cli(capsys, "predict", "--weights", str(folder), "--format", "json",
+                                           "--no-progress", *extra, str(photo_dir))[1])) == 6
