@@ -120,3 +120,30 @@ def test_segmentation_model_trains_and_keeps_input_size():
     assert losses[-1] < losses[0] * 0.8, losses
     with pytest.raises(ValueError, match="num_classes"):
         ecanfnet.create_segmentation_model(0)
+
+
+@pytest.mark.parametrize("indices", [None, 2, [0, 3], [-1, 1]])
+@pytest.mark.parametrize("stop_early", [False, True])
+def test_forward_intermediates_equal_timms(timm_l0, indices, stop_early):
+    """ECANFNet.forward_intermediates against timm's NFNet.forward_intermediates, same randomised weights."""
+    ours = ecanfnet.build_model().eval()
+    ours.load_state_dict(timm_l0.state_dict())
+    x = torch.randn(2, 3, 96, 80, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got_x, got = ours.forward_intermediates(x, indices, stop_early=stop_early)
+        want_x, want = timm_l0.forward_intermediates(x, indices, stop_early=stop_early)
+        only = ours.forward_intermediates(x, indices, intermediates_only=True)
+    assert len(got) == len(want) == len(only) and got_x.shape == want_x.shape
+    torch.testing.assert_close(got_x, want_x, rtol=1e-4, atol=1e-4)
+    for a, b, c in zip(got, want, only):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(c, a, rtol=0, atol=0)
+    info = [(f["num_chs"], f["reduction"], f["module"]) for f in ours.feature_info]
+    assert info == [(f["num_chs"], f["reduction"], f["module"]) for f in timm_l0.feature_info]
+
+
+def test_forward_intermediates_refuses_indices_out_of_range():
+    model = ecanfnet.build_model().eval()
+    for bad in (0, 6, [5], [-6], []):
+        with pytest.raises(ValueError, match="indices"):
+            model.forward_intermediates(torch.zeros(1, 3, 64, 64), bad)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -265,6 +265,38 @@ class ECANFNet(nn.Module):
         x = self.stages(self.stem(x))
         return F.silu(self.final_conv(x))
 
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """The maps forward_intermediates returns, by index: channels, stride ("reduction") and where taken.
+
+        0 is the stem after conv3 (stride 2), 1..3 the outputs of stages 0..2, and the last is final_conv
+        before its activation (standing for the last stage), as timm's NFNet numbers them.
+        """
+        cfg = self.cfg
+        info = [{"num_chs": cfg.stem_channels // 2, "reduction": 2, "module": "stem.conv3"}]
+        reduction = 4  # the stem's stride
+        for s, (channels, stride) in enumerate(zip(cfg.channels, cfg.strides)):
+            reduction *= stride
+            info.append({"num_chs": channels, "reduction": reduction, "module": f"stages.{s}"})
+        info[-1] = {"num_chs": self.num_features, "reduction": reduction, "module": "final_conv"}
+        return [dict(entry, index=i) for i, entry in enumerate(info)]
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, *,
+                              stop_early: bool = False, intermediates_only: bool = False
+                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """(final feature map, [maps at `indices`]), or only the maps; the indices are feature_info's.
+
+        indices: None for all, an int n for the last n, or a sequence (negative counts from the end);
+        maps come in ascending index order. stop_early: run no further than the last map asked for
+        (the first return value is then that point's activations, not the final feature map).
+        """
+        take = take_indices(len(self.stages) + 1, indices)
+        stages = self.stages[: max(take)] if stop_early else self.stages
+        x, maps = run_intermediates(self.stem, stages, self.final_conv, x, take, last=len(self.stages))
+        if intermediates_only:
+            return maps
+        return (F.silu(x) if len(stages) == len(self.stages) else x), maps
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Feature map -> logits, or the pooled embedding when pre_logits is True."""
         return self.head(x, pre_logits=pre_logits)
@@ -284,30 +316,54 @@ class ECANFNet(nn.Module):
             nn.init.zeros_(self.head.fc.bias)
 
 
-class ECANFNetFeatures(nn.Module):
-    """The network without its head, returning multi-scale maps (timm's ``features_only``).
+def take_indices(count: int, indices: int | Sequence[int] | None) -> list[int]:
+    """The sorted map indices in 0..count-1 that `indices` names (None: all; n: the last n; a sequence)."""
+    if indices is None:
+        return list(range(count))
+    if isinstance(indices, int):
+        if not 1 <= indices <= count:
+            raise ValueError(f"indices: the last n maps with n in 1..{count}, got {indices}")
+        return list(range(count - indices, count))
+    if not indices or any(not -count <= i < count for i in indices):
+        raise ValueError(f"indices must be map indices in {-count}..{count - 1}, got {tuple(indices)}")
+    return sorted({i % count for i in indices})
 
-    Map i is, for i = 0..4: stem.conv3 (stride 2), stages.0 (4), stages.1 (8), stages.2 (16) and
-    final_conv before its activation (32). Its state dict is the classifier's minus ``head.*``.
+
+def run_intermediates(stem: Stem, stages: nn.Sequential, final_conv: nn.Module, x: torch.Tensor,
+                      take: list[int], last: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run the stem and the given stages, collecting the maps at `take` (see ECANFNet.feature_info).
+
+    last: the index of the network's last stage, after which final_conv runs (when that stage is run).
+    """
+    x = stem.forward_to_conv3(x)
+    maps = [x] if 0 in take else []
+    x = stem.conv4(F.silu(x))
+    for index, stage in enumerate(stages, start=1):
+        x = stage(x)
+        if index == last:
+            x = final_conv(x)
+        if index in take:
+            maps.append(x)
+    return x, maps
+
+
+class ECANFNetFeatures(nn.Module):
+    """The network without its head, returning the maps out_indices of ECANFNet.feature_info (timm's ``features_only``).
+
+    A thin wrapper: the classifier's stem, stages and final_conv, run by run_intermediates no further than
+    the last map asked for; maps come in out_indices order. Its state dict is the classifier's minus ``head.*``.
     """
 
     def __init__(self, model: ECANFNet, out_indices: tuple[int, ...] = (0, 1, 2, 3, 4)) -> None:
         super().__init__()
-        if not out_indices or any(i not in range(5) for i in out_indices) or len(set(out_indices)) != len(out_indices):
-            raise ValueError(f"out_indices must be distinct values in 0..4, got {tuple(out_indices)}")
+        count = len(model.stages) + 1  # the maps of model.feature_info
+        if not out_indices or any(i not in range(count) for i in out_indices) or len(set(out_indices)) != len(out_indices):
+            raise ValueError(f"out_indices must be distinct values in 0..{count - 1}, got {tuple(out_indices)}")
         self.name = model.name
         self.pretrained_cfg = dict(model.pretrained_cfg)
         self.out_indices = tuple(out_indices)
         self.stem, self.stages, self.final_conv = model.stem, model.stages, model.final_conv
-        cfg = model.cfg
-        all_maps = [(cfg.stem_channels // 2, 2, "stem.conv3")]
-        reduction = 4
-        for s, (out_ch, stride) in enumerate(zip(cfg.channels[:3], cfg.strides[:3])):
-            reduction *= stride
-            all_maps.append((out_ch, reduction, f"stages.{s}"))
-        all_maps.append((model.num_features, 32, "final_conv"))
-        self.feature_info = [{"num_chs": c, "reduction": r, "module": m, "index": i}
-                             for i, (c, r, m) in enumerate(all_maps) if i in self.out_indices]
+        self.feature_info = [entry for entry in model.feature_info if entry["index"] in self.out_indices]
 
     @property
     def out_channels(self) -> list[int]:
@@ -315,17 +371,11 @@ class ECANFNetFeatures(nn.Module):
         return [f["num_chs"] for f in self.feature_info]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        last = max(self.out_indices)
-        x = self.stem.forward_to_conv3(x)
-        maps = [x]
-        if last >= 1:
-            x = self.stem.conv4(F.silu(x))
-            for stage in self.stages[: min(last, 3)]:
-                x = stage(x)
-                maps.append(x)
-        if last == 4:
-            maps.append(self.final_conv(self.stages[3](x)))
-        return [maps[i] for i in self.out_indices]
+        take = sorted(self.out_indices)
+        _, maps = run_intermediates(self.stem, self.stages[: max(take)], self.final_conv, x, take,
+                                    last=len(self.stages))
+        by_index = dict(zip(take, maps))
+        return [by_index[i] for i in self.out_indices]
 
 
 def build_model(name: str = "eca_nfnet_l0", num_classes: int = 1000, drop_rate: float = 0.0,
