@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,11 +23,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from conftest import input_psnr  # noqa: E402
+from ecanfnet.testing import input_psnr
 from predict import write_photos  # noqa: E402  (the same 4:3 photo folders as benchmarks/predict.py)
 
 from ecanfnet import Classifier, build_model  # noqa: E402

@@ -24,7 +24,6 @@ import importlib.util
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -34,10 +33,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import photo_arrays, random_crop, timm_model  # noqa: E402  (randomised timm weights, shared with the tests)
+from ecanfnet.testing import photo_arrays, random_crop, timm_model
 from PIL import Image  # noqa: E402
 
 from ecanfnet import build_model, eval_transform  # noqa: E402

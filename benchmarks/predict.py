@@ -44,9 +44,8 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import photo_arrays, random_crop  # noqa: E402
+from ecanfnet.testing import photo_arrays, random_crop
 
 from ecanfnet import Classifier, build_model  # noqa: E402
 from ecanfnet.transforms import image_loader  # noqa: E402
@@ -155,7 +154,7 @@ def pipelines(args: argparse.Namespace) -> None:
     import timm
     from timm.models import save_for_hf
 
-    from conftest import timm_model
+    from ecanfnet.testing import timm_model
     from ecanfnet import create_model
 
     namespace: dict = {"__name__": "timm_pipeline"}

@@ -16,7 +16,6 @@ import argparse
 import io
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -26,11 +25,9 @@ import httpx
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import photo_arrays  # noqa: E402
-from serving.conftest import Server  # noqa: E402
+from ecanfnet.testing import photo_arrays
+from ecanfnet.testing import ServeProcess
 
 from ecanfnet import build_model, save_pretrained  # noqa: E402
 from ecanfnet.backends import resolve_backend  # noqa: E402
@@ -46,7 +43,7 @@ def jpegs() -> list[bytes]:
     return out
 
 
-def load(server: Server, clients: int, total: int, bodies: list[bytes]) -> tuple[float, list[float], dict[int, int]]:
+def load(server: ServeProcess, clients: int, total: int, bodies: list[bytes]) -> tuple[float, list[float], dict[int, int]]:
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     counter = iter(range(total))
@@ -92,7 +89,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(model, Path(tmp) / "weights")
-        server = Server(Path(tmp) / "weights", "--backend", backend, "--max-batch", str(args.max_batch),
+        server = ServeProcess(Path(tmp) / "weights", "--backend", backend, "--max-batch", str(args.max_batch),
                         "--max-wait-ms", str(args.max_wait_ms), "--max-queue", str(4 * args.clients))
         try:
             bodies = jpegs()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import read_json_lines
+from helpers import read_json_lines
 from ecanfnet import build_model
 from ecanfnet import backends
 from ecanfnet.backends import (BackendError, cached_onnx_export, cpu_has_native_bf16, make_runner,
@@ -64,7 +64,7 @@ def test_folding_leaves_the_source_model_untouched(trio):
 needs_openvino = pytest.mark.skipif(not openvino_available(), reason="openvino not installed")
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "compile", "openvino"])
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", pytest.param("compile", marks=pytest.mark.slow), "openvino"])
 def test_fp32_backends_equal_timm(trio, backend):
     if backend == "onnxruntime" and not onnxruntime_available():
         pytest.skip("onnxruntime not installed")
@@ -161,6 +161,7 @@ def test_auto_picks_an_exact_backend(trio, monkeypatch):
     assert resolve_backend("auto", torch.device("cuda")) == "torch"
 
 
+@pytest.mark.slow
 @needs_openvino
 def test_openvino_ir_is_cached_and_a_damaged_one_rebuilt(trio, tmp_path, monkeypatch, caplog):
     _, ours, want = trio
@@ -193,6 +194,7 @@ def test_openvino_ir_is_cached_and_a_damaged_one_rebuilt(trio, tmp_path, monkeyp
     assert sorted(p.name for p in xml.parent.iterdir()) == entry  # no temp files left
 
 
+@pytest.mark.slow
 @needs_openvino
 def test_openvino_runs_uncached_where_the_cache_cannot_be_written(trio, tmp_path, monkeypatch, caplog):
     _, ours, want = trio
@@ -233,6 +235,7 @@ def test_onnx_export_is_cached_per_weights(trio):
     assert cached_onnx_export(other) != first
 
 
+@pytest.mark.slow
 def test_exported_onnx_and_torchscript_reproduce_timm_logits(tmp_path, capsys, timm_hub_folder, trio):
     import onnxruntime as ort
 
@@ -261,6 +264,7 @@ def test_predict_onnxruntime_gives_the_same_top5_as_torch(capsys, timm_hub_folde
     assert tops["torch"] == tops["onnxruntime"]
 
 
+@pytest.mark.slow
 def test_bench_json_lines_are_well_formed(capsys):
     code = main(["bench", "--backend", "torch", "onnxruntime", "openvino", "--image-size", "64", "--batch-size", "2",
                  "--repeats", "2", "--warmup", "1", "--format", "json"])

@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import lay_out_hub_cache, read_json_lines
+from helpers import lay_out_hub_cache, read_json_lines
 from ecanfnet.cli import main
-from test_transforms import card_timm_transform, huge_png_header
+from helpers import card_timm_transform, huge_png_header
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,6 +59,7 @@ def test_predict_json_gives_timm_top5_on_real_photos(capsys, timm_l0, timm_hub_f
     assert labels[281] == "tabby, tabby cat"
 
 
+@pytest.mark.slow
 def test_hf_hub_source_resolves_from_an_offline_cache(tmp_path, timm_l0, timm_hub_folder, photo_dir):
     lay_out_hub_cache(tmp_path / "hf", "timm/eca_nfnet_l0",
                       {n: timm_hub_folder / n for n in ("config.json", "model.safetensors")})
@@ -71,6 +72,7 @@ def test_hf_hub_source_resolves_from_an_offline_cache(tmp_path, timm_l0, timm_hu
         assert [p["index"] for p in row["predictions"]] == timm_top5(timm_l0, photo)
 
 
+@pytest.mark.slow
 def test_hub_cache_with_only_pytorch_model_bin(tmp_path, timm_l0, photo_dir):
     import json
     torch.save(timm_l0.state_dict(), tmp_path / "pytorch_model.bin")
@@ -85,6 +87,7 @@ def test_hub_cache_with_only_pytorch_model_bin(tmp_path, timm_l0, photo_dir):
     assert json.loads(proc.stdout) == [185, "eca_nfnet_l0"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
                          ids=["offline-flag", "unreachable-endpoint"])
 def test_no_network_without_cache_explains_how_to_get_weights(tmp_path, photo_dir, env):

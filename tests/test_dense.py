@@ -76,6 +76,7 @@ def shapes_batch(n: int, size: int, seed: int):
     return images, targets, torch.stack(masks)
 
 
+@pytest.mark.slow
 def test_faster_rcnn_with_fpn_backbone_trains(timm_hub_folder):
     from torchvision.models.detection import FasterRCNN
 

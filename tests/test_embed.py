@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import one_error_line
+from helpers import one_error_line
 from ecanfnet.cli import main
 from ecanfnet.search import EmbeddingIndex
 from ecanfnet.transforms import eval_transform, load_image
@@ -77,6 +77,7 @@ def test_vectors_equal_timm_pre_logits_and_bad_file_is_reported(reference_run, c
     assert rel < 1e-5, rel
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_file(tmp_path, reference_run, collection, timm_hub_folder):
     out = tmp_path / "emb.npy"
     proc = run_module(embed_cmd(collection, out, timm_hub_folder, "--shard-size", "3"))
@@ -99,6 +100,7 @@ def test_killed_run_resumes_to_the_same_file(tmp_path, reference_run, collection
     assert out.with_name("emb.paths.txt").read_text() == reference_run.with_name("emb.paths.txt").read_text()
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_process(tmp_path, reference_run, collection, timm_hub_folder):
     out = tmp_path / "emb.npy"
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]

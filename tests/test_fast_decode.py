@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image, JpegImagePlugin
 
-from conftest import input_psnr, photo_arrays
+from ecanfnet.testing import input_psnr, photo_arrays
 from ecanfnet import ImageLoadError, build_model, eval_transform, load_image
 from ecanfnet.inference import decoded_batches
 from ecanfnet.transforms import FAST_DECODE_MARGIN, EvalTransform, ImageTooLarge, decode_image

@@ -46,6 +46,7 @@ print(json.dumps(modes))
 """
 
 
+@pytest.mark.slow
 def test_written_files_and_folders_follow_the_umask(tmp_path):
     proc = subprocess.run([sys.executable, "-c", WRITE_EVERYTHING, str(tmp_path), str(ROOT / "tests")],
                           capture_output=True, text=True, timeout=300,

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import read_json_lines
+from helpers import read_json_lines
 from ecanfnet.files import expand_pattern, unique_files, walk_image_files
 from ecanfnet.inference import find_images
 from ecanfnet.training.data import scan_image_folder
@@ -65,6 +65,7 @@ def test_expand_pattern_matches_glob_without_symlinks(tmp_path, monkeypatch, pat
         assert expand_pattern(pat) == sorted(glob.glob(pat, recursive=True)), pat
 
 
+@pytest.mark.slow
 def test_predict_on_a_recursive_glob_over_symlink_loops_is_bounded(tmp_path):
     """Before: three loop links made this grow without bound (1 GB, no output after 40 s)."""
     images = symlink_loop_tree(tmp_path / "tree", loops=3)

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import read_json_lines
+from helpers import read_json_lines
 from ecanfnet.transforms import (BYTES_PER_PIXEL_BUDGET, MAX_IMAGE_PIXELS, ImageTooLarge,
                                  decode_image, load_image)
 from hostile import (ICON_BOMB_SIDE, IMAGE_REFUSAL_EXTRA_MB, IMAGE_REFUSAL_WALL_S, big_png, dib_icon_entry, high_depth_tiffs,
                      icon_bombs, icon_file, run_measured, small_model_folder, special_files, write_pngs)
-from test_transforms import huge_png_header
+from helpers import huge_png_header
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,7 @@ def predict(model_dir, *args: str, timeout: float = 120):
                          "--no-progress", *args], timeout=timeout)
 
 
+@pytest.mark.slow
 def test_icon_bombs_are_refused_before_pillow_decodes_them(tmp_path, model_dir):
     """Before: Pillow decoded the PNG inside an ICO while opening it (+430 MB here) and only then was it refused."""
     bombs = icon_bombs(tmp_path)
@@ -60,6 +61,7 @@ def load_image_bytes(data: bytes, max_pixels: int) -> Image.Image:
     return decode_image(data, "icon", max_pixels)
 
 
+@pytest.mark.slow
 def test_special_files_are_refused_without_blocking(tmp_path, model_dir):
     """Before: a FIFO named on the command line hung predict forever; /dev/zero was an "empty file"."""
     special = special_files(tmp_path)
@@ -74,6 +76,7 @@ def test_special_files_are_refused_without_blocking(tmp_path, model_dir):
         load_image(special["folder"])
 
 
+@pytest.mark.slow
 def test_high_bit_depth_decodes_in_bounded_memory_to_the_exact_8_bit_scaling(tmp_path):
     """Before: float64 temporaries made a float32 TIFF cost ~8 times its 8-bit RGB size (1.2 GB per 6320^2 image)."""
     side = 3000
@@ -153,6 +156,7 @@ def test_four_byte_modes_within_the_pixel_limit_but_over_the_byte_budget_are_ref
     assert decode_image(encoded(mode), "deep", 1200).size == (30, 30)  # 3,600 bytes = 3 x 1,200
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size, crop_pct", [(288, 1.0), ((256, 320), 0.9), ((320, 224), 0.5)])
 def test_crop_only_resize_matches_resize_then_crop_on_photos_just_over_the_threshold(size, crop_pct):
     """Wide and tall photos of aspect ratios just over MAX_RESIZE_AREA_FACTOR take the crop-only path.
@@ -187,6 +191,7 @@ def test_crop_only_resize_matches_resize_then_crop_on_photos_just_over_the_thres
     assert checked >= 30, checked  # most cases are over the threshold
 
 
+@pytest.mark.slow
 def test_extreme_aspect_ratio_is_resized_in_bounded_memory(tmp_path):
     """A 20000 x 2 strip passes the pixel limit; resizing its short side to 288 before the crop meant a
     288 x 2,880,000 intermediate (~2.5 GB). Only the kept region is resampled now."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import photo_arrays
+from ecanfnet.testing import photo_arrays
 from ecanfnet.inference import Classifier
 from hostile import small_model_folder
 

@@ -223,6 +223,7 @@ def assert_cli_refuses(proc, wall_s: float, peak_mb: float, *words: str) -> None
     assert wall_s < CHECKPOINT_REFUSAL_WALL_S and peak_mb < CHECKPOINT_REFUSAL_PEAK_MB, (wall_s, peak_mb)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["test_input_size_huge", "nan_weights", "deep_nesting"])
 def test_predict_refuses_hostile_checkpoint_in_one_line_within_bounds(tmp_path, base_config, weights,
                                                                        nan_weights_folder, jpeg, case):
@@ -238,6 +239,7 @@ def test_predict_refuses_hostile_checkpoint_in_one_line_within_bounds(tmp_path, 
     assert_cli_refuses(proc, wall, peak, *words)
 
 
+@pytest.mark.slow
 def test_serve_refuses_hostile_checkpoint_at_start(tmp_path, base_config, weights):
     pytest.importorskip("uvicorn")
     folder = write_hub_folder(tmp_path, weights, mutated_config(base_config, {"pretrained_cfg.crop_pct": 1e-9}))
@@ -253,6 +255,7 @@ def test_serve_refuses_hostile_checkpoint_at_start(tmp_path, base_config, weight
         assert s.connect_ex(("127.0.0.1", port)) != 0
 
 
+@pytest.mark.slow
 def test_raw_pickle_is_refused_by_the_cli_in_one_line(tmp_path, jpeg):
     path = hostile_pickles(tmp_path)["pickle_p5_object"]
     proc = subprocess.run(cli("predict", "--weights", str(path), str(jpeg)), env=cli_env(), capture_output=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import timm_model
+from ecanfnet.testing import timm_model
 from ecanfnet import build_model
 from ecanfnet.model import CONFIGS, eca_kernel_size
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import one_error_line, photo_arrays, random_crop, read_json_lines
+from ecanfnet.testing import photo_arrays, random_crop
+from helpers import one_error_line, read_json_lines
 from PIL import Image
 
 pytest.importorskip("openvino")
@@ -19,6 +20,8 @@ from ecanfnet.cli import main  # noqa: E402
 from ecanfnet.errors import WeightsError  # noqa: E402
 from ecanfnet.quantize import QuantizeRefused, load_int8_folder, quantize_folder  # noqa: E402
 from ecanfnet.weights import create_model  # noqa: E402
+
+pytestmark = pytest.mark.slow  # processes, servers or training runs: `pytest -m "not slow"` skips them
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -115,9 +118,9 @@ def test_predict_evaluate_embed_and_bench_take_the_int8_folder(capsys, int8_run,
 
 
 def test_serve_takes_the_int8_folder(int8_run, photo_dir):
-    from serving.conftest import Server
+    from ecanfnet.testing import ServeProcess
 
-    server = Server(int8_run[0])
+    server = ServeProcess(int8_run[0])
     try:
         info = server.client.get("/v1/model").json()
         assert (info["backend"], info["precision"]) == ("openvino", "int8")

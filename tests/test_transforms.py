@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import photo_arrays
 from ecanfnet import ImageLoadError, build_model, eval_transform, load_image
+from ecanfnet.testing import photo_arrays
 from ecanfnet.transforms import eval_settings, to_rgb
+from helpers import card_timm_transform, huge_png_header
 
 PHOTOS = photo_arrays()
-
-
-def card_timm_transform():
-    from timm.data.transforms_factory import transforms_imagenet_eval
-
-    return transforms_imagenet_eval(img_size=288, interpolation="bicubic", crop_pct=1.0,
-                                    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
 @pytest.mark.parametrize("name", sorted(PHOTOS))
@@ -105,14 +97,6 @@ def test_cmyk_jpeg_loads(tmp_path):
     out = np.asarray(load_image(path)).astype(int)
     assert out.shape == PHOTOS["coffee"].shape
     assert np.abs(out - PHOTOS["coffee"]).mean() < 10  # same picture after a lossy round trip
-
-
-def huge_png_header(width: int, height: int) -> bytes:
-    """A PNG signature + IHDR claiming the given size (valid CRC) + IEND, with no pixel data."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")

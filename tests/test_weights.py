@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import timm_model
+from ecanfnet.testing import timm_model
 from ecanfnet import WeightsError, create_model, resolve_weights, save_pretrained
 
 X = torch.randn(2, 3, 96, 112, generator=torch.Generator().manual_seed(5))

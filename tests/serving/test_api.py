@@ -14,13 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import photo_arrays
+from ecanfnet.testing import photo_arrays
 from hostile import rgb_png
 from ecanfnet import Classifier, create_model
 from ecanfnet.backends import resolve_backend
 from ecanfnet.transforms import decode_image, eval_transform
 
-from .conftest import Server, jpeg_bytes
+from ecanfnet.testing import ServeProcess
+from helpers import jpeg_bytes
+
+pytestmark = pytest.mark.slow  # processes, servers or training runs: `pytest -m "not slow"` skips them
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,7 @@ def photos() -> dict[str, bytes]:
     return {name: jpeg_bytes(arr) for name, arr in sorted(photo_arrays().items())}
 
 
-def counter(server: Server, endpoint: str, status: int) -> float:
+def counter(server: ServeProcess, endpoint: str, status: int) -> float:
     prefix = f'ecanfnet_requests_total{{endpoint="{endpoint}",status="{status}"}} '
     for line in server.client.get("/metrics").text.splitlines():
         if line.startswith(prefix):
@@ -183,7 +186,7 @@ def test_fuzz_never_5xx_and_memory_stays_bounded(server, photos):
 
 
 def test_api_key_and_overload(timm_hub_folder, photos):
-    srv = Server(timm_hub_folder, "--backend", "torch", "--max-batch", "1", "--max-queue", "1",
+    srv = ServeProcess(timm_hub_folder, "--backend", "torch", "--max-batch", "1", "--max-queue", "1",
                  "--max-wait-ms", "0", env={"ECANFNET_API_KEY": "s3cret"})
     try:
         jpg = photos["rocket"]
@@ -205,7 +208,7 @@ def test_api_key_and_overload(timm_hub_folder, photos):
 def test_graceful_shutdown_answers_in_flight_requests(timm_hub_folder, photos):
     # The default queue bound: with --max-queue 1 two simultaneous arrivals may rightly get a 503,
     # which is not what this test is about.
-    srv = Server(timm_hub_folder, "--backend", "torch", "--max-batch", "1", "--max-wait-ms", "0")
+    srv = ServeProcess(timm_hub_folder, "--backend", "torch", "--max-batch", "1", "--max-wait-ms", "0")
     try:
         jpg = photos["rocket"]
         headers = {"content-type": "image/jpeg"}

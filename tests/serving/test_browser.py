@@ -8,9 +8,11 @@ import tempfile
 
 import pytest
 
-from conftest import photo_arrays
+from ecanfnet.testing import photo_arrays
 
-from .conftest import HTML_LABEL, jpeg_bytes
+from helpers import HTML_LABEL, jpeg_bytes
+
+pytestmark = pytest.mark.slow  # processes, servers or training runs: `pytest -m "not slow"` skips them
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 

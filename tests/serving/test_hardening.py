@@ -18,8 +18,10 @@ from PIL import Image
 from hostile import (LOOPBACK_HOSTS, REBINDING_HOSTS, SLOW_CLIENTS_EXTRA_MB, big_png, idle_connections, one_request,
                      oversized_headers, reset_vm_hwm, slow_clients, vm_hwm_mb)
 
-from .conftest import HARDENED_MAX_CONNECTIONS, HTML_LABEL
+from helpers import HARDENED_MAX_CONNECTIONS, HTML_LABEL
 from .test_api import png_bomb_header
+
+pytestmark = pytest.mark.slow  # processes, servers or training runs: `pytest -m "not slow"` skips them
 
 
 def png_bytes(array: np.ndarray) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import randomize_
+from ecanfnet.testing import randomize_
 from ecanfnet import build_model
 from ecanfnet.training.agc import adaptive_clip_grad_
 

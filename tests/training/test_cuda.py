@@ -11,10 +11,9 @@ from safetensors.torch import load_file
 
 from ecanfnet import create_model
 from ecanfnet.training.loop import STATE_FILE, train
-from test_ddp import torchrun_train
-from test_train import CLASSES, make_image_folder, tiny_config
+from helpers import CLASSES, make_image_folder, tiny_config, torchrun_train
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

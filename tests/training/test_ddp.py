@@ -19,33 +19,11 @@ from safetensors.torch import load_file
 
 from ecanfnet import create_model
 from ecanfnet.training.loop import STATE_FILE
-from test_train import make_image_folder
+from helpers import CPU_ENV, make_image_folder, torchrun_command, torchrun_env, torchrun_train
 
-ROOT = Path(__file__).resolve().parents[2]
-# gloo on CPU even where GPUs exist (tests/training/test_cuda.py covers NCCL)
-CPU_ENV = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+pytestmark = pytest.mark.slow  # processes, servers or training runs: `pytest -m "not slow"` skips them
+
 EPOCHS = 3
-
-
-def torchrun_command(data: Path, out: Path, *extra: str, max_restarts: int = 0) -> list[str]:
-    """`torchrun --nproc-per-node 2 -m ecanfnet train` on a tiny folder for 2 epochs (extra options override)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "--max-restarts", str(max_restarts), "-m", "ecanfnet", "train", "--data", str(data), "--output", str(out),
-            "--from-scratch", "--epochs", "2", "--batch-size", "3", "--image-size", "48", "--workers", "0",
-            "--no-progress", "--val-split", "0.25", *extra]
-
-
-def torchrun_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})}
-
-
-def torchrun_train(data: Path, out: Path, *extra: str,
-                   env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run torchrun_command to the end; stderr captured."""
-    proc = subprocess.run(torchrun_command(data, out, *extra), env=torchrun_env(env), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 @pytest.fixture(scope="module")

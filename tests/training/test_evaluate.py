@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import photo_arrays, random_crop
+from ecanfnet.testing import photo_arrays, random_crop
 from ecanfnet import build_model
 from ecanfnet.cli import main
 from ecanfnet.labels import imagenet_classes
 from ecanfnet.training.evaluate import map_class_folders
-from test_transforms import card_timm_transform
+from helpers import card_timm_transform
 
 # real photos filed under ImageNet classes, named three ways: WordNet id, label, index
 FOLDERS = {"n02123045": "chelsea", "coffee mug": "coffee", "n04266014": "rocket", "417": "astronaut"}
@@ -42,6 +42,7 @@ def test_class_folders_map_by_wnid_label_and_index():
     assert map_class_folders(["dog", "cat", "1"], custom, 2) == [1, 0, 1]
 
 
+@pytest.mark.slow
 def test_evaluate_equals_timm_on_the_same_data_and_weights(tmp_path, capsys, timm_l0, timm_hub_folder):
     data = make_labelled_folder(tmp_path / "data")
     csv_path = tmp_path / "per_class.csv"

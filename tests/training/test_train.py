@@ -12,39 +12,20 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import photo_arrays, random_crop
 from ecanfnet import create_model
+from ecanfnet.testing import photo_arrays
 from ecanfnet.training.agc import adaptive_clip_grad_
-from ecanfnet.training.loop import STATE_FILE, TrainConfig, TrainingError, train
+from ecanfnet.training.loop import STATE_FILE, TrainingError, train
+from helpers import CLASSES, make_image_folder, tiny_config
+
+pytestmark = pytest.mark.slow  # processes, servers or training runs: `pytest -m "not slow"` skips them
 
 ROOT = Path(__file__).resolve().parents[2]
-CLASSES = ("astronaut", "coffee", "rocket")
-
-
-def make_image_folder(root: Path, per_class: int = 6, size: int = 80) -> Path:
-    """Crops of three real photos, one class each."""
-    photos = photo_arrays()
-    rng = np.random.default_rng(0)
-    for name in CLASSES:
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            crop = Image.fromarray(random_crop(photos[name], rng, 2 / 3)).resize((size, size))
-            crop.save(root / name / f"{i}.jpg", quality=90)
-    return root
-
-
-def tiny_config(data: Path, out: Path, weights: Path, **overrides) -> TrainConfig:
-    settings = dict(data=str(data), output=str(out), weights=str(weights), epochs=3, batch_size=6,
-                    image_size=64, lr=0.02, val_split=0.2, warmup_epochs=0.5, progress=False,
-                    deterministic=True, seed=1)
-    settings.update(overrides)
-    return TrainConfig(**settings)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +139,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, fold
 
 
 def test_train_command_writes_a_model_that_predict_uses(tmp_path, folder, capsys):
-    from conftest import read_json_lines
+    from helpers import read_json_lines
     from ecanfnet.cli import main
 
     out = tmp_path / "cli_out"

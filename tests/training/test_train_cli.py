@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import one_error_line
+from helpers import one_error_line
 from ecanfnet.cli import main
 from ecanfnet.training.loop import STATE_FILE
-from test_train import make_image_folder
+from helpers import make_image_folder
+
+pytestmark = pytest.mark.slow  # processes, servers or training runs: `pytest -m "not slow"` skips them
 
 TINY = ["--from-scratch", "--epochs", "1", "--batch-size", "3", "--image-size", "32", "--workers", "0",
         "--val-split", "0.25"]
