@@ -31,7 +31,7 @@ _EXPORTS = {
     "build_model": "model",
     "eval_transform": "transforms",
     "load_image": "transforms",
-    "ImageLoadError": "transforms",
+    "ImageLoadError": "errors",
     "Classifier": "inference",
     "Prediction": "inference",
     "ImageResult": "inference",
@@ -44,8 +44,9 @@ _EXPORTS = {
     "BackendError": "errors",
     "quantize_folder": "quantize",
     "load_int8_folder": "quantize",
-    "QuantizeError": "quantize",
+    "QuantizeError": "errors",
     "QuantizedECANFNet": "quantize",
+    "TrainingError": "errors",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -11,3 +11,27 @@ class BackendError(RuntimeError):
 
 class EmbedError(RuntimeError):
     """An embedding run or search that cannot start or continue; the message names the file and what to do."""
+
+
+class ImageLoadError(ValueError):
+    """An image file could not be read; the message names the file and the reason."""
+
+
+class ImageTooLarge(ImageLoadError):
+    """An image over the pixel limit, refused before decoding."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, unusable data); the message says where and why."""
+
+
+class QuantizeError(RuntimeError):
+    """Quantization cannot start, or its result failed the accuracy guard; the message says which and why."""
+
+
+class QuantizeRefused(QuantizeError):
+    """The INT8 model failed the accuracy guard and was not written; .report holds the measurements."""
+
+    def __init__(self, message: str, report: dict) -> None:
+        super().__init__(message)
+        self.report = report

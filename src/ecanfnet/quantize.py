@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .backends import ir_sha256, openvino_core
-from .errors import WeightsError
+from .errors import QuantizeError, QuantizeRefused, WeightsError  # noqa: F401 (QuantizeRefused: re-exported)
 from .fileio import write_atomically, write_json_atomically
 from .metadata import MAX_CONFIG_BYTES, validate_config
 
@@ -46,10 +46,6 @@ MAX_NUM_FEATURES = 16384
 DEFAULT_SAMPLES, DEFAULT_HOLDOUT, DEFAULT_MIN_AGREEMENT = 300, 100, 0.90
 
 logger = logging.getLogger("ecanfnet")
-
-
-class QuantizeError(RuntimeError):
-    """Quantization cannot start, or its result failed the accuracy guard; the message says which and why."""
 
 
 class _Shared:
@@ -361,14 +357,6 @@ def _logits(runner: Callable[[torch.Tensor], torch.Tensor], crops: list[np.ndarr
 
 
 MAX_VALIDATION_IMAGES = 2000  # --val images used (a seeded sample of larger folders): each is kept as a crop
-
-
-class QuantizeRefused(QuantizeError):
-    """The INT8 model failed the accuracy guard and was not written; .report holds the measurements."""
-
-    def __init__(self, message: str, report: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.report = report
 
 
 def quantize_folder(weights: Any, calibration: str | os.PathLike, output: str | os.PathLike, *,

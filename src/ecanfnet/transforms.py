@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageMode, UnidentifiedImageError
 
+from .errors import ImageLoadError, ImageTooLarge  # noqa: F401 (both re-exported: callers catch them from here)
+
 # Refuse images over this many pixels before decoding them (PIL's own default bomb threshold,
 # about 9,459 x 9,459).
 MAX_IMAGE_PIXELS = 89_478_485
@@ -37,14 +39,6 @@ _FORMAT_NAMES = "JPEG, PNG, GIF, BMP, TIFF, WebP, PNM, ICO, CUR"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                               ".ppm", ".pgm", ".pbm", ".pnm", ".jfif", ".ico"})
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
-
-
-class ImageLoadError(ValueError):
-    """An image file could not be read; the message names the file and the reason."""
-
-
-class ImageTooLarge(ImageLoadError):
-    """An image over the pixel limit, refused before decoding."""
 
 
 DECODE_MODES = ("exact", "fast")

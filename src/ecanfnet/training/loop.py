@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..distributed import barrier, distributed_setup, launch_rank, leave_process_group, restart_attempt, say
+from ..errors import TrainingError  # noqa: F401 (re-exported)
 from ..fileio import check_output_dir, write_atomically, write_csv_atomically
 from ..model import ECANFNet
 from ..progress import progress as progress_reporter
@@ -39,10 +40,6 @@ AUTOCAST_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.
 METRICS_FILE = "metrics.csv"
 
 log = logging.getLogger("ecanfnet")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, unusable data); the message says where and why."""
 
 
 @dataclass
