@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
+from .choices import BACKENDS, OPENVINO_PRECISIONS  # noqa: F401 (BACKENDS: re-exported)
 from .errors import BackendError
 from .fileio import write_atomically
 from .folded import PRECISIONS, FoldedECANFNet, prepare_for_inference
@@ -25,11 +26,8 @@ from .model import ECANFNet
 if TYPE_CHECKING:
     import openvino
 
-BACKENDS = ("torch", "compile", "onnxruntime", "openvino")
 FASTEST = "fastest"  # a precision request: the quickest this model runs at here (fastest_precision)
 ONNX_OPSET = 17
-# OpenVINO element types of the precisions it runs; the compiled model is asked for exactly this one.
-OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 
 logger = logging.getLogger("ecanfnet")
 

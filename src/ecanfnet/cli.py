@@ -12,6 +12,7 @@ import warnings
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from . import __version__
+from .choices import BACKENDS, DECODE_MODES, FLOAT_PRECISIONS, RUN_PRECISIONS
 from .console import json_line, printable
 from .errors import BackendError, EmbedError, WeightsError
 
@@ -19,8 +20,8 @@ if TYPE_CHECKING:
     from .inference import ImageResult
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-BACKEND_CHOICES = ("auto", "torch", "compile", "onnxruntime", "openvino")
-PRECISION_CHOICES = ("fp32", "bf16", "fp16", "int8")
+BACKEND_CHOICES = ("auto", *BACKENDS)
+PRECISION_CHOICES = RUN_PRECISIONS
 # Fewer images than this: `auto` uses eager torch, whose setup is instant; ONNX Runtime's session
 # set-up (and first-time export) costs more than it saves on a handful of images.
 AUTO_ORT_MIN_IMAGES = 16
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--freeze-backbone", action="store_true", help="train the classifier only (linear probe)")
     t.add_argument("--accum-steps", type=_positive_int, default=1, metavar="N",
                    help="gradient accumulation: one optimizer step every N batches")
-    t.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    t.add_argument("--precision", choices=FLOAT_PRECISIONS, default="fp32",
                    help="bf16: autocast mixed precision; fp16: autocast with a gradient scaler (CUDA; emulated on CPU), "
                         "AGC applied to the unscaled gradients")
     t.add_argument("--ema-decay", type=_fraction_below_one, default=0.0, metavar="D",
@@ -280,7 +281,7 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_decode_option(p: argparse.ArgumentParser, fast_switch: bool = True) -> None:
-    p.add_argument("--decode", choices=("exact", "fast"), default="exact",
+    p.add_argument("--decode", choices=DECODE_MODES, default="exact",
                    help="exact (default: the same pixels as timm) or fast: JPEGs decoded at 1/2, 1/4 or 1/8 scale "
                         "in libjpeg, never below twice the resized size (faster on large photos, not bit-equal)")
     if fast_switch:

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .choices import FLOAT_PRECISIONS
 from .model import ECANFNet, NFBlock, ScaledStdConv2d
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = dict(zip(FLOAT_PRECISIONS, (torch.float32, torch.bfloat16, torch.float16)))
 
 
 def plain_conv(conv: ScaledStdConv2d, weight_scale: float = 1.0, bias_scale: float = 1.0) -> nn.Conv2d:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageMode, UnidentifiedImageError
 
+from .choices import DECODE_MODES
 from .errors import ImageLoadError, ImageTooLarge  # noqa: F401 (both re-exported: callers catch them from here)
 
 # Refuse images over this many pixels before decoding them (PIL's own default bomb threshold,
@@ -41,7 +42,6 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", "
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
-DECODE_MODES = ("exact", "fast")
 # The fast decode never reduces a JPEG below this many times the size the resize step produces, so the
 # bicubic downscale that follows still averages real pixels.
 FAST_DECODE_MARGIN = 2

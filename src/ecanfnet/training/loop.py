@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from ..distributed import barrier, distributed_setup, launch_rank, leave_process_group, restart_attempt, say
 from ..errors import TrainingError  # noqa: F401 (re-exported)
 from ..fileio import check_output_dir, write_atomically, write_csv_atomically
+from ..folded import PRECISIONS
 from ..model import ECANFNet
 from ..progress import progress as progress_reporter
 from ..transforms import eval_transform
@@ -36,7 +37,7 @@ STATE_FILE = "training/last.pt"
 # What a run writes into OUT; finding any of them there means OUT already holds a run (see _check_output).
 OUTPUT_FILES = ("config.json", "model.safetensors", STATE_FILE, "metrics.csv")
 STATE_KEYS = ("model", "optimizer", "epoch", "best", "history")
-AUTOCAST_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST_DTYPES = PRECISIONS  # precision name -> the dtype autocast computes in (fp32: autocast off)
 METRICS_FILE = "metrics.csv"
 
 log = logging.getLogger("ecanfnet")

@@ -1,0 +1,12 @@
+"""The names of backends, precisions and decode modes: one table, free of heavy imports (the CLI builds its options from it)."""
+
+from __future__ import annotations
+
+BACKENDS = ("torch", "compile", "onnxruntime", "openvino")
+# Floating-point precisions, for inference and training (folded.PRECISIONS maps them to torch dtypes).
+FLOAT_PRECISIONS = ("fp32", "bf16", "fp16")
+# What inference runs at: the float ones, and int8 for INT8 model folders (quantize.py).
+RUN_PRECISIONS = (*FLOAT_PRECISIONS, "int8")
+# The element type OpenVINO is asked to compute in, for the float precisions its CPU plugin runs.
+OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+DECODE_MODES = ("exact", "fast")
