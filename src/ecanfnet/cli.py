@@ -131,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=_seed, default=0)
     t.add_argument("--deterministic", action="store_true", help="deterministic kernels (exact reruns on CPU)")
     again = t.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true", help="continue OUT from its last finished epoch")
+    again.add_argument("--resume", action="store_true",
+                       help="continue OUT from its last finished epoch (refused, naming them, if settings that decide "
+                            "the result differ from the run's; --epochs may grow)")
+    t.add_argument("--resume-with-changes", action="store_true",
+                   help="with --resume: accept settings that differ from the run's, applied from the next epoch")
     again.add_argument("--overwrite", action="store_true",
                    help="replace the model and training state already in OUT (a new run from epoch 0)")
     t.add_argument("--no-progress", action="store_true")
@@ -562,6 +566,7 @@ def run_train(args: argparse.Namespace) -> int:
         crop_scale=tuple(args.crop_scale or DEFAULT_CROP_SCALE), hflip=args.hflip,
         accum_steps=args.accum_steps, precision=args.precision, ema_decay=args.ema_decay, mixup=args.mixup,
         cutmix=args.cutmix, workers=args.workers, seed=args.seed, deterministic=args.deterministic, resume=args.resume,
+        resume_with_changes=args.resume_with_changes,
         overwrite=args.overwrite, progress=not args.no_progress)
     try:
         out = train(cfg)

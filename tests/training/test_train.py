@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from ecanfnet import create_model
 from ecanfnet.testing import photo_arrays
 from ecanfnet.training.agc import adaptive_clip_grad_
+from ecanfnet.training.data import DEFAULT_CROP_SCALE
 from ecanfnet.training.loop import STATE_FILE, TrainingError, train
 from helpers import CLASSES, make_image_folder, tiny_config
 
@@ -93,6 +94,22 @@ def test_killed_run_resumes_to_bitwise_the_same_weights(tmp_path, folder, timm_h
     assert (straight / "metrics.csv").read_text() == (resumed / "metrics.csv").read_text()
 
 
+def test_resume_with_changed_settings_is_refused_naming_them(tmp_path, folder, timm_hub_folder):
+    """The training state records the run's resolved settings; a resume that changes any is refused, each named,
+    and leaves the state as it was. Run-control options (workers, progress) and epochs (train longer) may change."""
+    out = train(tiny_config(folder, tmp_path / "out", timm_hub_folder, epochs=1))
+    saved = (out / STATE_FILE).read_bytes()
+    with pytest.raises(TrainingError) as refused:
+        train(tiny_config(folder, out, timm_hub_folder, epochs=2, lr=0.03, hflip=0.0, resume=True))
+    message = str(refused.value)
+    for change in ("lr: was 0.02, now 0.03", "hflip: was 0.5, now 0.0"):
+        assert change in message, message
+    assert "seed" not in message and "epochs" not in message and (out / STATE_FILE).read_bytes() == saved
+    state = torch.load(out / STATE_FILE, weights_only=True)
+    assert state["settings"]["processes"] == 1 and state["settings"]["crop_scale"] == list(DEFAULT_CROP_SCALE)
+    train(tiny_config(folder, out, timm_hub_folder, epochs=1, workers=1, resume=True))  # nothing left to do: fine
+
+
 def test_corrupt_training_image_is_reported_and_skipped(tmp_path, folder, timm_hub_folder, capsys, caplog):
     import shutil
 
@@ -133,7 +150,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, fold
     train(tiny_config(folder, out, timm_hub_folder, epochs=1))
     good = load_file(out / "model.safetensors")
     with pytest.raises(TrainingError, match=r"non-finite loss .* at epoch 2, step \d+"):
-        train(tiny_config(folder, out, timm_hub_folder, epochs=2, resume=True, lr=1e30, agc_clip=0.0))
+        train(tiny_config(folder, out, timm_hub_folder, epochs=2, resume=True, resume_with_changes=True, lr=1e30,
+                          agc_clip=0.0))
     kept = load_file(out / "model.safetensors")
     assert all(torch.equal(good[k], kept[k]) for k in good)
 

@@ -77,6 +77,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     resume: bool = False                        # continue OUT's training state (also implied by a torchrun restart)
+    resume_with_changes: bool = False           # resume even where settings differ from the run's (refused otherwise)
     overwrite: bool = False                     # replace the model / training state already in OUT
     progress: bool = True
     history: list[dict[str, float]] = field(default_factory=list, repr=False)
@@ -140,10 +141,11 @@ def _train(cfg: TrainConfig) -> Path:
     if cfg.epochs is None:
         cfg.epochs = default_epochs(cfg.from_scratch, steps_per_epoch)
     lr = cfg.lr if cfg.lr is not None else default_lr(cfg.batch_size * cfg.accum_steps * world, cfg.from_scratch)
-    start_epoch, best = 0, -1.0
+    start_epoch, best, settings = 0, -1.0, _run_settings(cfg, lr, world)
     state_path = out / STATE_FILE
     if resuming and state_path.is_file():
-        start_epoch, best, cfg.history = _load_state(state_path, model, optimizer, ema, scaler)
+        start_epoch, best, cfg.history = _load_state(state_path, model, optimizer, ema, scaler,
+                                                     None if cfg.resume_with_changes else settings)
         say(f"resuming {out} after epoch {start_epoch}", rank)
     net, sampler = _distributed(model, train_ds, cfg.seed, rank, world, device)
     reported: set[str] = set()
@@ -168,7 +170,7 @@ def _train(cfg: TrainConfig) -> Path:
             if metrics["val_top1"] > best:
                 best = metrics["val_top1"]
                 save_pretrained(final, out, label_names=classes)
-            _save_state(state_path, model, optimizer, ema, scaler, epoch + 1, best, cfg.history)
+            _save_state(state_path, model, optimizer, ema, scaler, epoch + 1, best, cfg.history, settings)
             write_csv_atomically(out / METRICS_FILE, cfg.history, list(cfg.history[0]))
             _plot_curves(out, cfg.history)
             say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {metrics['val_loss']:.4f}, "
@@ -417,19 +419,44 @@ def _seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
     torch.manual_seed(seed * 100_003 + epoch + 7_919 * rank)
 
 
+# TrainConfig fields a resume may change: those that steer the run rather than decide its result, and
+# epochs (to train a finished run longer; the learning-rate schedule then stretches to the new length).
+RESUMABLE_CHANGES = ("output", "workers", "resume", "resume_with_changes", "overwrite", "progress", "history", "epochs")
+
+
+def _run_settings(cfg: TrainConfig, lr: float, world: int) -> dict[str, Any]:
+    """What decides a run's result, resolved (learning rate, processes): saved with its training state."""
+    settings = {name: getattr(cfg, name) for name in cfg.__dataclass_fields__ if name not in RESUMABLE_CHANGES}
+    settings.update(lr=lr, processes=world)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}  # plain types: weights_only
+
+
+def _changed_settings(saved: Any, now: dict[str, Any]) -> list[str]:
+    """'name: was X, now Y' for each setting a resumed run changes (none for a state saved before settings were)."""
+    if not isinstance(saved, dict):
+        return []
+    return [f"{k}: was {saved.get(k)!r}, now {v!r}" for k, v in now.items() if k in saved and saved[k] != v]
+
+
 def _save_state(path: Path, model: ECANFNet, optimizer: torch.optim.Optimizer, ema, scaler, epoch: int,
-                best: float, history: list[dict[str, float]]) -> None:
+                best: float, history: list[dict[str, float]], settings: dict[str, Any]) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best": best,
              "history": history, "ema": ema.state_dict() if ema is not None else {},
-             "scaler": scaler.state_dict()}
+             "scaler": scaler.state_dict(), "settings": settings}
     write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def _load_state(path: Path, model: ECANFNet, optimizer: torch.optim.Optimizer, ema,
-                scaler) -> tuple[int, float, list]:
-    """Restore a run from its training state; TrainingError (one line naming the file) for anything unusable."""
+                scaler, settings: dict[str, Any] | None) -> tuple[int, float, list]:
+    """Restore a run from its training state; TrainingError (one line naming the file) for anything unusable,
+    or for a resume whose settings differ from the run's (each one named; settings None: not checked)."""
     state = _read_state(path)
-    _check_state_model(path, state["model"], model)
+    _check_state_model(path, state["model"], model)  # first: another class count is the more telling refusal
+    changed = _changed_settings(state.get("settings"), settings) if settings is not None else []
+    if changed:
+        raise TrainingError(f"{path}: this run was started with other settings ({'; '.join(changed)}); resume "
+                            "with the same ones, start a new run (--overwrite, or another --output), or pass "
+                            "--resume-with-changes to apply them from the next epoch")
     if ema is not None and not state.get("ema"):
         raise TrainingError(f"{path}: this run was started without --ema-decay; resume it without it too")
     try:
