@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import io
 import importlib.metadata
-import importlib.util
 import json
 import platform
 import statistics
@@ -39,7 +38,7 @@ from PIL import Image  # noqa: E402
 
 from ecanfnet import build_model, eval_transform  # noqa: E402
 from ecanfnet.quantize import int8_model, quantize_trunk  # noqa: E402
-from ecanfnet.backends import (cpu_has_native_bf16, make_runner, openvino_available, openvino_core,  # noqa: E402
+from ecanfnet.backends import (cpu_has_native_bf16, installed, make_runner, openvino_available, openvino_core,  # noqa: E402
                                openvino_threads)
 
 
@@ -216,7 +215,7 @@ def main() -> None:
     results = []
     photos = real_photo_batch(args.image_size)
     print(f"# accuracy columns: logits on {len(photos)} real photos vs timm eager fp32")
-    with_int8 = args.int8 == "auto" and openvino_available() and importlib.util.find_spec("nncf") is not None
+    with_int8 = args.int8 == "auto" and openvino_available() and installed("nncf")
     calibration = calibration_inputs(args.image_size) if with_int8 else None
     with tempfile.TemporaryDirectory() as tmp:
         for batch in args.batch_sizes:

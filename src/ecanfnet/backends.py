@@ -41,18 +41,26 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def onnxruntime_available() -> bool:
-    """Whether the optional onnxruntime extra is installed."""
+def installed(module: str) -> bool:
+    """Whether an optional package is installed (found, not imported: some take seconds to import)."""
     import importlib.util
 
-    return importlib.util.find_spec("onnxruntime") is not None
+    return importlib.util.find_spec(module) is not None
+
+
+def onnxruntime_available() -> bool:
+    """Whether the optional onnxruntime extra is installed."""
+    return installed("onnxruntime")
 
 
 def openvino_available() -> bool:
     """Whether the optional openvino extra is installed."""
-    import importlib.util
+    return installed("openvino")
 
-    return importlib.util.find_spec("openvino") is not None
+
+def is_int8_model(model: torch.nn.Module) -> bool:
+    """Whether model is an INT8 model (quantize.QuantizedECANFNet: its network runs on OpenVINO at int8)."""
+    return hasattr(model, "openvino_trunk")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -126,9 +134,9 @@ def make_runner(model: ECANFNet, backend: str = "auto", precision: str | None = 
     precision None: the model's own (fp32; int8 for an INT8 model, see quantize.py); "fastest": see
     fastest_precision.
     """
-    int8 = hasattr(model, "openvino_trunk")
+    int8 = is_int8_model(model)
     device = torch.device(device) if device is not None else torch.device("cpu") if int8 else next(model.parameters()).device
-    if int8:  # an INT8 model (quantize.QuantizedECANFNet)
+    if int8:
         return _int8_runner(model, backend, "int8" if precision in (None, FASTEST) else precision, device, compile_batch)
     precision = precision or "fp32"
     if precision == "int8":
@@ -141,8 +149,7 @@ def make_runner(model: ECANFNet, backend: str = "auto", precision: str | None = 
     if backend == "onnxruntime":
         return Runner(_onnxruntime_fn(model), backend, precision, device)
     if backend == "openvino":
-        core = openvino_core()
-        fn = _openvino_fn(core, cached_openvino_model(model, core), OPENVINO_PRECISIONS[precision], compile_batch)
+        fn = _openvino_fn(cached_openvino_model(model), OPENVINO_PRECISIONS[precision], compile_batch)
         return Runner(fn, backend, precision, device)
     folded = prepare_for_inference(model, precision, channels_last=True, device=device)
     if backend == "compile":
@@ -177,7 +184,7 @@ def _int8_runner(model, backend: str, precision: str, device: torch.device, stat
     if not openvino_available():
         raise BackendError("INT8 models need the openvino extra: pip install 'ecanfnet[openvino]'")
     # f32: the layers NNCF left in float stay exact (bf16 measured no faster, docs/benchmarks.md#int8).
-    return Runner(_openvino_fn(openvino_core(), model.openvino_model(), "f32", static_batch), "openvino", "int8", device)
+    return Runner(_openvino_fn(model.openvino_model(), "f32", static_batch), "openvino", "int8", device)
 
 
 def _torch_fn(module: Callable, device: torch.device, dtype: torch.dtype,
@@ -253,7 +260,7 @@ def _openvino_config(want: str) -> dict[str, object]:
             "INFERENCE_NUM_THREADS": openvino_threads()}
 
 
-def _openvino_fn(core: "openvino.Core", ov_model: "openvino.Model", want: str,
+def _openvino_fn(ov_model: "openvino.Model", want: str,
                  static_batch: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """batch -> first output of ov_model compiled for the CPU at precision `want` (read back and checked).
 
@@ -263,23 +270,23 @@ def _openvino_fn(core: "openvino.Core", ov_model: "openvino.Model", want: str,
     only the dynamic-shape model, compiled now. One compiled model holds its own copy of the weights, so
     a caller that knows its batch size gets one, and one that does not (the server) gets the other.
     """
-    requests: dict[object, "openvino.InferRequest"] = {}
+    static: dict[tuple[int, ...], "openvino.InferRequest"] = {}  # at most one: (static_batch, C, H, W)
+    dynamic: list["openvino.InferRequest"] = []
     if static_batch is None:
-        requests["dynamic"] = _compile_checked(core, ov_model, want).create_infer_request()
+        dynamic.append(_compile_checked(ov_model, want).create_infer_request())
     lock = threading.Lock()  # infer requests reuse their output buffers: one call at a time
 
     def request_for(shape: tuple[int, ...]) -> tuple["openvino.InferRequest", int | None]:
-        static = (static_batch, *shape[1:])
-        fits = static_batch is not None and shape[0] <= static_batch
-        if fits and (static in requests or not any(key != "dynamic" for key in requests)):
-            if static not in requests:
+        wanted = (static_batch, *shape[1:])
+        if static_batch is not None and shape[0] <= static_batch and (not static or wanted in static):
+            if not static:
                 model = ov_model.clone()
-                model.reshape({0: list(static)})
-                requests[static] = _compile_checked(core, model, want).create_infer_request()
-            return requests[static], static_batch
-        if "dynamic" not in requests:
-            requests["dynamic"] = _compile_checked(core, ov_model, want).create_infer_request()
-        return requests["dynamic"], None
+                model.reshape({0: list(wanted)})
+                static[wanted] = _compile_checked(model, want).create_infer_request()
+            return static[wanted], static_batch
+        if not dynamic:
+            dynamic.append(_compile_checked(ov_model, want).create_infer_request())
+        return dynamic[0], None
 
     def run(batch: torch.Tensor) -> torch.Tensor:
         array, n = batch.float().contiguous().numpy(), batch.shape[0]
@@ -292,9 +299,9 @@ def _openvino_fn(core: "openvino.Core", ov_model: "openvino.Model", want: str,
     return run
 
 
-def _compile_checked(core: "openvino.Core", ov_model: "openvino.Model", want: str) -> "openvino.CompiledModel":
+def _compile_checked(ov_model: "openvino.Model", want: str) -> "openvino.CompiledModel":
     """ov_model compiled for the CPU at inference precision `want`, which is read back (BackendError if not it)."""
-    compiled = core.compile_model(ov_model, "CPU", _openvino_config(want))
+    compiled = openvino_core().compile_model(ov_model, "CPU", _openvino_config(want))
     got = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
     if got != want:
         raise BackendError(f"OpenVINO compiled the model for {got}, not the {want} asked for; "
@@ -343,7 +350,7 @@ def ir_sha256(xml: Path) -> str:
     return digest.hexdigest()
 
 
-def cached_openvino_model(model: ECANFNet, core) -> openvino.Model:
+def cached_openvino_model(model: ECANFNet) -> openvino.Model:
     """The folded fp32 network as an OpenVINO model, converted once per set of weights into cache_dir().
 
     The IR is two files (.xml, .bin) sealed by a third (.sha256) written last; a missing or failed
@@ -351,7 +358,7 @@ def cached_openvino_model(model: ECANFNet, core) -> openvino.Model:
     """
     xml = openvino_cache_path(model)
     with _cache_lock(xml):  # another process converting the same weights finishes first; then its entry is read
-        return _read_or_convert(model, core, xml)
+        return _read_or_convert(model, xml)
 
 
 @contextlib.contextmanager
@@ -370,12 +377,12 @@ def _cache_lock(xml: Path):
         yield
 
 
-def _read_or_convert(model: ECANFNet, core, xml: Path) -> openvino.Model:
+def _read_or_convert(model: ECANFNet, xml: Path) -> openvino.Model:
     """The sealed cached IR at xml when intact, else a fresh conversion written there (see cached_openvino_model)."""
     seal = xml.with_suffix(".sha256")
     try:
         if seal.read_text(errors="replace").strip() == ir_sha256(xml):
-            return core.read_model(str(xml))
+            return openvino_core().read_model(str(xml))
         logger.warning("cached OpenVINO model %s does not match its checksum; converting it again", xml)
     except (FileNotFoundError, NotADirectoryError):  # not cached yet
         pass
@@ -393,7 +400,7 @@ def _read_or_convert(model: ECANFNet, core, xml: Path) -> openvino.Model:
         return ov_model
     # Read back rather than keep the converted model: its constants share memory with the folded
     # torch copy, while read_model maps the .bin, so the weights are held once either way.
-    return core.read_model(str(xml))
+    return openvino_core().read_model(str(xml))
 
 
 def convert_openvino(model: ECANFNet) -> openvino.Model:

@@ -11,14 +11,15 @@ from typing import Any, Iterator
 
 import torch
 
-from .backends import BACKENDS, cpu_has_native_bf16, make_runner, onnxruntime_available, openvino_available
+from .backends import (BACKENDS, cpu_has_native_bf16, installed, is_int8_model, make_runner, onnxruntime_available,
+                       openvino_available)
 from .errors import BackendError, WeightsError
 from .model import ECANFNet
 
 
 def available_configs(device: torch.device, model: torch.nn.Module | None = None) -> list[tuple[str, str]]:
     """Every (backend, precision) pair that runs natively here (for an INT8 model: openvino int8 only)."""
-    if model is not None and hasattr(model, "openvino_trunk"):
+    if model is not None and is_int8_model(model):
         return [("openvino", "int8")]
     configs = [("torch", "fp32"), ("compile", "fp32")]
     if device.type == "cpu" and onnxruntime_available():
@@ -29,18 +30,11 @@ def available_configs(device: torch.device, model: torch.nn.Module | None = None
         configs += [("torch", "bf16"), ("compile", "bf16")]
     if device.type == "cpu" and openvino_available() and cpu_has_native_bf16():
         configs.append(("openvino", "bf16"))
-    if device.type == "cpu" and openvino_available() and nncf_available():
+    if device.type == "cpu" and openvino_available() and installed("nncf"):
         configs.append(("openvino", "int8"))
     if device.type == "cuda":
         configs += [("torch", "fp16"), ("compile", "fp16")]
     return configs
-
-
-def nncf_available() -> bool:
-    """Whether nncf (INT8 quantization, in the openvino extra) is installed."""
-    import importlib.util
-
-    return importlib.util.find_spec("nncf") is not None
 
 
 def _reset_peak_rss() -> bool:
@@ -66,7 +60,7 @@ def benchmark(model: ECANFNet, backend: str, precision: str, batch_size: int = 1
     """Median time of `repeats` forward passes after `warmup` ones, and the peak memory while doing it."""
     device = device or torch.device("cpu")
     note = None
-    if precision == "int8" and not hasattr(model, "openvino_trunk"):
+    if precision == "int8" and not is_int8_model(model):
         from .quantize import quantize_on_random_input
 
         model, note = quantize_on_random_input(model, image_size), "int8 calibrated on random input: speed only"

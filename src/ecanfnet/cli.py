@@ -415,7 +415,9 @@ def _device_for(name: str, model, device):
     model (it runs on OpenVINO's CPU plugin)."""
     import torch
 
-    return torch.device("cpu") if name == "auto" and hasattr(model, "openvino_trunk") else device
+    from .backends import is_int8_model
+
+    return torch.device("cpu") if name == "auto" and is_int8_model(model) else device
 
 
 def _backend_for(backend: str, n_images: int, weights: str | None) -> str:
@@ -580,16 +582,15 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint on a labelled folder; print the summary, and the per-class CSV when asked."""
-    from .backends import make_runner
+    from .backends import is_int8_model, make_runner
     from .fileio import check_output_file
-    from .quantize import is_int8
     from .training.evaluate import evaluate_folder, write_per_class_csv
 
     device = _device(args.device)
     if args.per_class_csv is not None:
         check_output_file(args.per_class_csv)
     model = _load_model(args.weights)
-    forward = make_runner(model, "auto" if is_int8(model) else "torch", None, _device_for(args.device, model, device))
+    forward = make_runner(model, "auto" if is_int8_model(model) else "torch", None, _device_for(args.device, model, device))
     try:
         report = evaluate_folder(model, args.data, args.batch_size, args.workers, forward=forward,
                                  progress=not args.no_progress,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backends import make_runner
+from .backends import is_int8_model, make_runner
 from .files import expand_pattern, unique_files, walk_image_files
 from .labels import label_names_for
 from .model import ECANFNet
@@ -161,8 +161,8 @@ class Classifier:
 
         batch_size: the batch size predict_files will be called with, when known: OpenVINO then compiles
         for exactly that shape (faster; see make_runner's compile_batch)."""
-        int8 = hasattr(model, "openvino_trunk")
-        self.device = torch.device(device) if device is not None else torch.device("cpu") if int8 else default_device()
+        cpu_only = is_int8_model(model)
+        self.device = torch.device(device) if device is not None else torch.device("cpu") if cpu_only else default_device()
         self.runner = make_runner(model.eval(), backend, precision, self.device, compile_batch=batch_size)
         # The torch model is kept only where it is what runs: the other runtimes hold their own copy of the
         # weights, and a second one (~95 MB for L0) would be dead weight once the caller lets go of it.

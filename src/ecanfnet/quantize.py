@@ -5,14 +5,14 @@ predict, evaluate, embed, serve, search and bench:
   ``config.json``        the source checkpoint's metadata (architecture, preprocessing, labels) and a
                          ``quantization`` section (format, checksum of the trunk, versions);
   ``trunk.xml/.bin``     OpenVINO IR of the INT8 trunk: images (B, 3, H, W) -> pooled features (B, D);
-  ``head.safetensors``   the fp32 linear classifier, run in torch (2304 x C: too small to gain from INT8);
+  ``head.safetensors``   the fp32 linear classifier (2304 x C: too small to gain from INT8), appended to the
+                         OpenVINO model when it runs (QuantizedECANFNet.openvino_model);
   ``quantization.json``  the report: agreement with fp32 on held-out images, validation top-1, settings.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import random
@@ -30,7 +30,7 @@ from torch import nn
 from .backends import ir_sha256, openvino_core
 from .errors import QuantizeError, QuantizeRefused, WeightsError  # noqa: F401 (QuantizeRefused: re-exported)
 from .fileio import write_atomically, write_json_atomically
-from .metadata import MAX_CONFIG_BYTES, validate_config
+from .metadata import validate_config
 
 if TYPE_CHECKING:
     import openvino
@@ -75,7 +75,6 @@ class QuantizedECANFNet(nn.Module):
         self.num_classes = fc.out_features if fc is not None else 0
         self.pretrained_cfg["num_classes"] = self.num_classes
         self._trunk = _Shared(trunk)
-        self.trunk_sha256 = trunk_sha256
         # In the state dict, so that weights_fingerprint (embedding manifests, search) covers the trunk too.
         self.register_buffer("trunk_digest", torch.tensor(list(bytes.fromhex(trunk_sha256)), dtype=torch.uint8))
         self._runner = None
@@ -123,11 +122,6 @@ class QuantizedECANFNet(nn.Module):
         return self._runner(x)
 
 
-def is_int8(model: nn.Module) -> bool:
-    """Whether model is an INT8 model (runs its trunk on OpenVINO at int8)."""
-    return hasattr(model, "openvino_trunk")
-
-
 # ---------------------------------------------------------------- reading an INT8 folder
 
 def is_int8_folder(path: str | os.PathLike) -> bool:
@@ -169,13 +163,11 @@ def _check_file_size(path: Path, limit: int) -> None:
 
 def _read_int8_config(path: Path) -> dict[str, Any]:
     """config.json of an INT8 folder: the checkpoint metadata (validate_config) and a checked quantization section."""
-    _check_file_size(path, MAX_CONFIG_BYTES)
-    try:
-        raw = json.loads(path.read_bytes())
-    except (ValueError, RecursionError) as exc:
-        raise WeightsError(f"{path}: not valid JSON ({str(exc)[:200]})") from None
-    if not isinstance(raw, dict):
-        raise WeightsError(f"{path}: expected a JSON object")
+    from .weights import _read_config  # the size-bounded reading every config.json gets
+
+    if not path.is_file():
+        raise WeightsError(f"{path}: missing (an INT8 model folder needs it)")
+    raw = _read_config(path)
     section = raw.get("quantization")
     if not isinstance(section, dict) or section.get("format") != FORMAT:
         raise WeightsError(f"{path}: \"quantization.format\" must be {FORMAT!r} in an INT8 model folder")

@@ -133,7 +133,7 @@ def embed_queries(index: EmbeddingIndex, images: list[str], weights: WeightsSour
 
     device: where the model runs (default: the CPU).
     """
-    from .backends import make_runner, weights_fingerprint
+    from .backends import is_int8_model, make_runner, weights_fingerprint
     from .transforms import eval_transform
     from .weights import create_model
 
@@ -148,7 +148,7 @@ def embed_queries(index: EmbeddingIndex, images: list[str], weights: WeightsSour
         raise EmbedError(f"{weights if weights is not True else 'the published weights'} are not the weights "
                          f"{index.files.vectors} was embedded with (fingerprint {plan.get('weights_fingerprint')}); "
                          f"pass the same --weights")
-    runner = make_runner(model, "auto" if hasattr(model, "openvino_trunk") else backend, None, device)
+    runner = make_runner(model, "auto" if is_int8_model(model) else backend, None, device)
     vectors, good, errors = embed_paths(images, runner, eval_transform(model.pretrained_cfg), model.num_features,
                                         normalize=True)
     return vectors, good, errors
@@ -160,9 +160,9 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 
 def faiss_available() -> bool:
     """Whether the optional faiss-cpu package is installed."""
-    import importlib.util
+    from .backends import installed
 
-    return importlib.util.find_spec("faiss") is not None
+    return installed("faiss")
 
 
 def _import_faiss():
