@@ -11,7 +11,7 @@ from PIL import Image, JpegImagePlugin
 
 from ecanfnet.testing import input_psnr, photo_arrays
 from ecanfnet import ImageLoadError, build_model, eval_transform, load_image
-from ecanfnet.inference import decoded_batches
+from ecanfnet.files import decoded_batches
 from ecanfnet.transforms import FAST_DECODE_MARGIN, EvalTransform, ImageTooLarge, decode_image
 
 PHOTOS = photo_arrays()

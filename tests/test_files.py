@@ -11,7 +11,7 @@ import pytest
 
 from helpers import read_json_lines
 from ecanfnet.files import expand_pattern, unique_files, walk_image_files
-from ecanfnet.inference import find_images
+from ecanfnet.files import find_images
 from ecanfnet.training.data import scan_image_folder
 from hostile import TREE_WALK_WALL_S, run_measured, small_model_folder, symlink_loop_tree, write_pngs
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ecanfnet.testing import timm_model
 from ecanfnet import build_model
-from ecanfnet.model import CONFIGS, eca_kernel_size
+from ecanfnet.choices import ARCHITECTURES
+from ecanfnet.model import CONFIGS, eca_kernel_size, embedding_view
+from ecanfnet.testing import randomize_, timm_model
 
 
 def ours_from(ref: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -130,3 +131,20 @@ def test_reset_classifier_changes_head_only():
 def test_unknown_architecture_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown architecture 'eca_nfnet_l9'"):
         build_model("eca_nfnet_l9")
+
+
+def test_embedding_view_outputs_pooled_features_and_leaves_the_model_whole():
+    model = randomize_(build_model(num_classes=5)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    view = embedding_view(model)
+    with torch.no_grad():
+        pooled, logits = view(x), model(x)
+        assert torch.equal(pooled, model.forward_head(model.forward_features(x), pre_logits=True))
+    assert pooled.shape == (2, model.num_features) and logits.shape == (2, 5)
+    assert model.num_classes == 5 and model.pretrained_cfg["num_classes"] == 5 and view.num_classes == 0
+    assert view.stem.conv1.weight.data_ptr() == model.stem.conv1.weight.data_ptr()  # shared, not copied
+    assert "head.fc.weight" in model.state_dict() and "head.fc.weight" not in view.state_dict()
+
+
+def test_the_architecture_names_a_checkpoint_may_give_are_the_built_ones():
+    assert tuple(CONFIGS) == ARCHITECTURES

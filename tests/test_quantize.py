@@ -19,7 +19,7 @@ pytest.importorskip("nncf")
 from ecanfnet.cli import main  # noqa: E402
 from ecanfnet.errors import WeightsError  # noqa: E402
 from ecanfnet.quantize import QuantizeRefused, load_int8_folder, quantize_folder  # noqa: E402
-from ecanfnet.weights import create_model  # noqa: E402
+from ecanfnet.factory import create_model  # noqa: E402
 
 pytestmark = pytest.mark.slow  # processes, servers or training runs: `pytest -m "not slow"` skips them
 

@@ -14,10 +14,12 @@ logging.getLogger("ecanfnet").addHandler(logging.NullHandler())
 
 # Public name -> module; resolved on first use so `ecanfnet --help` does not import torch.
 _EXPORTS = {
-    "create_model": "weights",
+    "create_model": "factory",
     "save_pretrained": "weights",
     "resolve_weights": "weights",
     "load_checkpoint": "weights",
+    "PretrainedCfg": "metadata",
+    "find_images": "files",
     "WeightsError": "errors",
     "ECANFNet": "model",
     "ECANFNetFeatures": "model",

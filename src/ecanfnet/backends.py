@@ -22,6 +22,7 @@ from .errors import BackendError
 from .fileio import write_atomically
 from .folded import PRECISIONS, FoldedECANFNet, prepare_for_inference
 from .model import ECANFNet
+from .weights import weights_fingerprint  # noqa: F401 TRANSITION: re-exported until embed.py imports it from weights
 
 if TYPE_CHECKING:
     import openvino
@@ -313,15 +314,6 @@ def cache_dir() -> Path:
     """Where ONNX exports and OpenVINO models are kept ($ECANFNET_CACHE, else $XDG_CACHE_HOME/ecanfnet)."""
     root = os.environ.get("ECANFNET_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ecanfnet"
     return Path(root)
-
-
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """SHA-256 over the names, shapes and bytes of every tensor in the state dict."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:24]
 
 
 def cached_onnx_export(model: ECANFNet) -> Path:

@@ -1,4 +1,4 @@
-"""The names of backends, precisions and decode modes: one table, free of heavy imports (the CLI builds its options from it)."""
+"""The names of backends, precisions, decode modes and checkpoint choices: one table, free of heavy imports (the CLI builds its options from it)."""
 
 from __future__ import annotations
 
@@ -10,3 +10,8 @@ RUN_PRECISIONS = (*FLOAT_PRECISIONS, "int8")
 # The element type OpenVINO is asked to compute in, for the float precisions its CPU plugin runs.
 OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 DECODE_MODES = ("exact", "fast")
+# Architectures a checkpoint may name (model.CONFIGS holds their layouts).
+ARCHITECTURES = ("eca_nfnet_l0", "eca_nfnet_l1", "eca_nfnet_l2", "eca_nfnet_l3")
+# How the eval transform fits an image to the input size, and the resampling filters a checkpoint may name.
+CROP_MODES = ("center", "squash", "border")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")

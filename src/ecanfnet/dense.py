@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import ECANFNetFeatures
-from .weights import WeightsSource, create_model
+from .factory import create_model
+from .weights import WeightsSource
 
 PYRAMID_INDICES = (1, 2, 3, 4)  # strides 4, 8, 16, 32
 

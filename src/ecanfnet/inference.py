@@ -1,25 +1,22 @@
-"""Classifying image files: path expansion, parallel decoding, batched inference, top-k results."""
+"""Classifying images: a model with its checkpoint's preprocessing and labels, batched inference, top-k results."""
 
 from __future__ import annotations
 
-import glob
-import os
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
+from . import files
 from .backends import is_int8_model, make_runner
-from .files import expand_pattern, unique_files, walk_image_files
+from .factory import create_model
+from .files import DecodedItem, decoded_batches
 from .labels import label_names_for
 from .model import ECANFNet
-from .transforms import MAX_IMAGE_PIXELS, ImageLoadError, eval_transform, image_loader, oriented_rgb
-from .weights import WeightsSource, create_model
+from .transforms import MAX_IMAGE_PIXELS, eval_transform, oriented_rgb
+from .weights import WeightsSource
 
 
 @dataclass
@@ -52,82 +49,9 @@ class ImageResult:
 
 
 def find_images(args: Iterable[str]) -> tuple[list[str], list[ImageResult]]:
-    """Expand files, folders (recursively, image extensions only) and globs into image paths.
-
-    Directory symlinks inside folders and under `**` are not followed (see files.py), and a file
-    reached twice (the same path, a symlink or hard link to it) is listed once. Returns the paths in a
-    stable order and an error result for each argument that matched nothing.
-    """
-    found: dict[str, None] = {}
-    seen: set[tuple[int, int]] = set()
-    problems: list[ImageResult] = []
-    for arg in args:
-        path = Path(arg)
-        if path.is_dir():
-            matches = walk_image_files(path)
-            if not matches:
-                problems.append(ImageResult(arg, error=f"{arg}: no image files in this folder"))
-        elif path.exists():
-            matches = [arg]  # named explicitly: kept whatever it is, so an odd file gets its own error
-        elif glob.has_magic(arg):
-            matches = [m for hit in expand_pattern(arg)
-                       for m in (walk_image_files(hit) if os.path.isdir(hit) else [hit])]
-            if not matches:
-                problems.append(ImageResult(arg, error=f"{arg}: no file matches this pattern"))
-        else:
-            problems.append(ImageResult(arg, error=f"{arg}: no such file or folder"))
-            matches = []
-        found.update(dict.fromkeys(unique_files(matches, seen)))
-    return list(found), problems
-
-
-def _prefetch(items: list[str], fn: Callable[[str], Any], workers: int, window: int) -> Iterator[tuple[str, Future]]:
-    """Run fn over items in a thread pool, at most `window` ahead of the consumer, yielding in order."""
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ecanfnet-decode") as pool:
-        pending: deque[tuple[str, Future]] = deque()
-        it = iter(items)
-        for item in it:
-            pending.append((item, pool.submit(fn, item)))
-            if len(pending) >= window:
-                break
-        while pending:
-            item, fut = pending.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(fn, nxt)))
-            yield item, fut
-
-
-DecodedItem = tuple[str, "torch.Tensor | None", "str | None"]  # (path, preprocessed image or None, error or None)
-
-
-def decoded_batches(paths: list[str], transform: Callable[[Image.Image], torch.Tensor], batch_size: int,
-                    workers: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
-                    decode: str = "exact") -> Iterator[list[DecodedItem]]:
-    """Load and preprocess files ahead in worker threads; yield them in order, batch_size readable ones at a time.
-
-    decode="fast" decodes JPEGs at a reduced DCT scale, never below the transform's min_decode_size
-    (see load_image). An unreadable file stays in its batch with its error instead of a tensor, so no
-    path is lost.
-    """
-    workers = workers or min(8, os.cpu_count() or 1)
-    load = image_loader(transform, max_pixels, decode)
-    run = lambda p: transform(load(p))  # noqa: E731
-    waiting: list[DecodedItem] = []
-    ready = 0  # decoded images in `waiting`
-    for path, fut in _prefetch(paths, run, workers, window=max(2 * batch_size, 2 * workers)):
-        try:
-            waiting.append((path, fut.result(), None))
-            ready += 1
-        except ImageLoadError as exc:
-            waiting.append((path, None, str(exc)))
-        except Exception as exc:  # noqa: BLE001 - one odd file must not stop the batch
-            waiting.append((path, None, f"{path}: {type(exc).__name__}: {exc}"))
-        if ready >= batch_size:
-            yield waiting
-            waiting, ready = [], 0
-    if waiting:
-        yield waiting
+    """TRANSITION: files.find_images with each problem as an error ImageResult; kept until the CLI package uses it."""
+    paths, problems = files.find_images(args)
+    return paths, [ImageResult(p.path, error=p.error) for p in problems]
 
 
 def _as_rgb_image(image: Image.Image | np.ndarray) -> Image.Image:

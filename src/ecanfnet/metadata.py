@@ -1,20 +1,27 @@
-"""Checkpoint metadata (a hub ``config.json``) checked where it enters: nothing in it is trusted.
+"""Checkpoint metadata: a typed, frozen :class:`PretrainedCfg`, checked where it enters (nothing in it is trusted).
 
-:func:`validate_config` returns a cleaned copy holding only the fields the package uses, each
-checked (image sizes in a bounded range, crop_pct, 3-value mean/std, a known interpolation and
-crop mode, a known architecture, label lists matching the classifier), or raises one
-``WeightsError`` line naming the file, the field and the reason. Unknown fields are ignored.
+:func:`validate_config` turns an untrusted hub ``config.json`` into a cleaned copy holding only the
+fields the package uses, each checked (image sizes in a bounded range, crop_pct, 3-value mean/std, a
+known interpolation and crop mode, a known architecture, label lists matching the classifier), or
+raises one ``WeightsError`` line naming the file, the field and the reason. Unknown fields are ignored.
+:class:`PretrainedCfg` is what a model carries: built from such a config (or timm's pretrained_cfg
+dict), it re-checks every value it is given, reads like timm's ``pretrained_cfg`` dict, knows its
+evaluation settings and labels, and writes the timm-compatible ``config.json``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import reprlib
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Iterator
 
+from .choices import ARCHITECTURES, CROP_MODES, INTERPOLATIONS
 from .errors import WeightsError
-from .model import CONFIGS
-from .transforms import CROP_MODES, INTERPOLATIONS
+from .labels import label_names_for
 
 MAX_CONFIG_BYTES = 16 * 2**20
 # Image sides a checkpoint may ask for (timm's pretrained configs span 96..1024). With MIN_CROP_PCT and
@@ -28,6 +35,7 @@ MAX_CLASSES = 1_000_000
 _INFO_STRINGS = ("tag", "license", "hf_hub_id", "url", "first_conv", "classifier")
 _PREPROCESSING = ("input_size", "test_input_size", "crop_pct", "test_crop_pct", "crop_mode",
                   "interpolation", "mean", "std")
+_LABEL_KEYS = ("label_names", "label_descriptions")
 
 _repr = reprlib.Repr()
 _repr.maxstring = _repr.maxother = 60
@@ -40,7 +48,9 @@ def short_repr(value: Any) -> str:
     return _repr.repr(value)
 
 
-class _Invalid(Exception):
+class _Invalid(ValueError):
+    """One field of the metadata is wrong: "FIELD REASON"."""
+
     def __init__(self, field: str, reason: str) -> None:
         super().__init__(f"{field} {reason}")
 
@@ -76,18 +86,18 @@ def _clean_config(config: dict[str, Any], width: int | None) -> dict[str, Any]:
     pretrained_cfg = _clean_pretrained_cfg(raw, prefix)
     if pretrained_cfg or "pretrained_cfg" in config:
         out["pretrained_cfg"] = pretrained_cfg
-    for key in ("label_names", "label_descriptions"):
-        field, value = (key, config[key]) if key in config else (prefix + key, raw.get(key))
+    for key in _LABEL_KEYS:
+        name, value = (key, config[key]) if key in config else (prefix + key, raw.get(key))
         if value:
-            out[key] = _labels(value, field, width) if key == "label_names" else _descriptions(value, field, width)
+            out[key] = _labels(value, name, width) if key == "label_names" else _descriptions(value, name, width)
     return out
 
 
 def _architecture(value: Any) -> str:
     """The base architecture name ("eca_nfnet_l0.ra2_in1k" -> "eca_nfnet_l0")."""
     base = value.split(".")[0] if isinstance(value, str) else None
-    if base not in CONFIGS:
-        raise _Invalid("architecture", f"must name one of {', '.join(CONFIGS)} (a '.tag' suffix is allowed), "
+    if base not in ARCHITECTURES:
+        raise _Invalid("architecture", f"must name one of {', '.join(ARCHITECTURES)} (a '.tag' suffix is allowed), "
                                        f"got {short_repr(value)}")
     return base
 
@@ -123,7 +133,7 @@ def _informational(raw: dict[str, Any]) -> dict[str, Any]:
     if isinstance(raw.get("fixed_input_size"), bool):
         out["fixed_input_size"] = raw["fixed_input_size"]
     pool = raw.get("pool_size")
-    if isinstance(pool, list) and len(pool) == 2 and all(_is_int(v) and 0 < v <= MAX_IMAGE_SIDE for v in pool):
+    if isinstance(pool, (list, tuple)) and len(pool) == 2 and all(_is_int(v) and 0 < v <= MAX_IMAGE_SIDE for v in pool):
         out["pool_size"] = list(pool)
     return out
 
@@ -208,3 +218,174 @@ def _descriptions(value: Any, field: str, width: int | None) -> dict[str, str] |
     if not isinstance(value, dict) or len(value) > MAX_CLASSES:
         raise _Invalid(field, f"must map label names to descriptions, got {type(value).__name__}")
     return {_label_text(k, field): _label_text(v, field) for k, v in value.items()}
+
+
+# ---------------------------------------------------------------- the typed object a model carries
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# What the ra2_in1k checkpoints record besides preprocessing (SPEC, hub layout).
+_DEFAULT_INFO = {"pool_size": (7, 7), "first_conv": "stem.conv1", "classifier": "head.fc", "license": "apache-2.0"}
+
+
+@dataclass(frozen=True, eq=True)
+class PretrainedCfg(Mapping):
+    """Typed, frozen checkpoint metadata: preprocessing, classes and labels; reads like timm's pretrained_cfg dict.
+
+    Defaults are the published ra2_in1k checkpoints' (SPEC). Every value is checked on construction, so
+    ``replace`` cannot make an invalid one either. As a Mapping it holds the set fields in their JSON
+    form (lists), so ``cfg["input_size"] == [3, 224, 224]`` as with a timm model.
+    """
+
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    test_input_size: tuple[int, int, int] | None = (3, 288, 288)
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.9
+    test_crop_pct: float | None = 1.0
+    crop_mode: str = "center"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    num_classes: int = 1000
+    min_input_size: tuple[int, int, int] | None = None
+    label_names: tuple[str, ...] | None = field(default=None, repr=False)
+    label_descriptions: Mapping[str, str] | tuple[str, ...] | None = field(default=None, repr=False)
+    # Descriptive fields nothing computes with (pool_size, first_conv, classifier, license, tag, hf_hub_id, ...).
+    info: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType(dict(_DEFAULT_INFO)))
+
+    def __post_init__(self) -> None:
+        checked = _checked_fields(self)
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    # -- construction
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], source: str, *, num_classes: int | None = None) -> PretrainedCfg:
+        """From a hub config.json (nested or timm's legacy flat layout), checked; num_classes: the weights' width."""
+        clean = validate_config(dict(config), source, num_classes)
+        values: dict[str, Any] = dict(clean.get("pretrained_cfg") or {})
+        if "num_classes" in clean or num_classes is not None:
+            values["num_classes"] = clean.get("num_classes", num_classes)
+        values.update({k: clean[k] for k in _LABEL_KEYS if k in clean})
+        try:
+            return cls.from_dict(values)
+        except _Invalid as exc:
+            raise WeightsError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> PretrainedCfg:
+        """From a pretrained_cfg-style dict (ours or timm's): checked, missing fields default, unknown ones dropped.
+
+        As in timm, an input_size or crop_pct without its test_* value means "test like that".
+        """
+        if isinstance(values, PretrainedCfg):
+            return values
+        clean = _clean_pretrained_cfg(dict(values), "")
+        known = {f.name for f in dataclasses.fields(cls)}
+        typed = {k: v for k, v in clean.items() if k in known}
+        info = {**_DEFAULT_INFO, **{k: v for k, v in clean.items() if k not in known}}
+        return cls(**typed, **{k: values[k] for k in _LABEL_KEYS if values.get(k)}, info=info)
+
+    def replace(self, **changes: Any) -> PretrainedCfg:
+        """A copy with some fields changed (checked like any other)."""
+        return dataclasses.replace(self, **changes)
+
+    def with_classes(self, num_classes: int) -> PretrainedCfg:
+        """The metadata of a new classifier of num_classes: the labels, which were the old classifier's, are dropped."""
+        return self.replace(num_classes=num_classes, label_names=None, label_descriptions=None)
+
+    # -- what callers need from it
+    def eval_settings(self) -> dict[str, Any]:
+        """Test-time preprocessing (test_input_size/test_crop_pct when given); image_size is (height, width)."""
+        size = self.test_input_size or self.input_size
+        return {
+            "image_size": (size[1], size[2]),
+            "crop_pct": self.test_crop_pct or self.crop_pct or 1.0,
+            "crop_mode": self.crop_mode,
+            "interpolation": self.interpolation,
+            "mean": self.mean,
+            "std": self.std,
+        }
+
+    def readable_labels(self) -> list[str]:
+        """One readable label per class: the checkpoint's (WordNet ids shown as words), ImageNet's, or the indices."""
+        return label_names_for(self, self.num_classes)
+
+    def to_config(self, *, architecture: str, num_features: int) -> dict[str, Any]:
+        """The hub ``config.json`` (timm's layout): architecture, classes, pretrained_cfg and labels."""
+        config: dict[str, Any] = {
+            "architecture": architecture,
+            "num_classes": self.num_classes,
+            "num_features": num_features,
+            "global_pool": "avg",
+            "pretrained_cfg": {k: v for k, v in self.items() if k not in _LABEL_KEYS},
+        }
+        config.update({k: self[k] for k in _LABEL_KEYS if k in self})
+        return config
+
+    # -- the read-only dict view
+    def _as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "info":
+                out.update({k: _json_value(v) for k, v in value.items()})
+            elif value is not None:
+                out[f.name] = _json_value(value)
+        return out
+
+    def __getitem__(self, key: str) -> Any:
+        return self._as_json()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._as_json())
+
+    def __len__(self) -> int:
+        return len(self._as_json())
+
+
+def _json_value(value: Any) -> Any:
+    """A field as JSON holds it: tuples as lists, mappings as dicts."""
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    return value
+
+
+def _checked_fields(cfg: PretrainedCfg) -> dict[str, Any]:
+    """Every field of cfg checked and in its stored form (tuples, read-only mappings); _Invalid names the bad one."""
+    n = _integer(cfg.num_classes, "num_classes", 0, MAX_CLASSES)
+    optional_size = {k: getattr(cfg, k) for k in ("test_input_size", "min_input_size")}
+    out: dict[str, Any] = {
+        "num_classes": n,
+        "input_size": tuple(_input_size(cfg.input_size, "input_size")),
+        **{k: None if v is None else tuple(_input_size(v, k)) for k, v in optional_size.items()},
+        "crop_pct": _crop_pct(cfg.crop_pct, "crop_pct"),
+        "test_crop_pct": None if cfg.test_crop_pct is None else _crop_pct(cfg.test_crop_pct, "test_crop_pct"),
+        "interpolation": _choice(cfg.interpolation, "interpolation", INTERPOLATIONS),
+        "crop_mode": _choice(cfg.crop_mode, "crop_mode", CROP_MODES),
+        "mean": tuple(_triple(cfg.mean, "mean", positive=False)),
+        "std": tuple(_triple(cfg.std, "std", positive=True)),
+        "label_names": None if not cfg.label_names else tuple(_labels(cfg.label_names, "label_names", n)),
+        "label_descriptions": _frozen_descriptions(cfg.label_descriptions, n),
+        "info": MappingProxyType(_checked_info(cfg.info)),
+    }
+    return out
+
+
+def _frozen_descriptions(value: Any, width: int) -> Mapping[str, str] | tuple[str, ...] | None:
+    if not value:
+        return None
+    clean = _descriptions(dict(value) if isinstance(value, Mapping) else value, "label_descriptions", width)
+    return MappingProxyType(clean) if isinstance(clean, dict) else tuple(clean)
+
+
+def _checked_info(info: Any) -> dict[str, Any]:
+    """The informational fields, as tuples where they are lists; an ill-formed one is refused."""
+    if not isinstance(info, Mapping):
+        raise _Invalid("info", f"must be a mapping, got {type(info).__name__}")
+    kept = _informational(info)
+    if set(kept) != set(info):
+        bad = next(k for k in info if k not in kept)
+        raise _Invalid(str(bad), f"is not a known informational field of the right form, got {short_repr(info[bad])}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kept.items()}

@@ -9,6 +9,7 @@ published checkpoints load strictly.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -384,3 +385,18 @@ def build_model(name: str = "eca_nfnet_l0", num_classes: int = 1000, drop_rate: 
     if name not in CONFIGS:
         raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(CONFIGS)}")
     return ECANFNet(CONFIGS[name], num_classes, drop_rate, drop_path_rate, name=name)
+
+
+def embedding_view(model: nn.Module) -> nn.Module:
+    """model without its classifier, in eval mode: outputs the pooled embedding and shares every weight.
+
+    The caller's model keeps its classifier; nothing is copied but the module's own attribute tables.
+    Works for any model with reset_classifier (ECANFNet, quantize.QuantizedECANFNet).
+    """
+    view = copy.copy(model)
+    for table in ("_parameters", "_buffers", "_modules"):
+        setattr(view, table, dict(getattr(model, table)))  # new tables, so replacing the head leaves model alone
+    if isinstance(getattr(model, "pretrained_cfg", None), dict):
+        view.pretrained_cfg = dict(model.pretrained_cfg)  # TRANSITION: drop once pretrained_cfg is a PretrainedCfg
+    view.reset_classifier(0)
+    return view.eval()

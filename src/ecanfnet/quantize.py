@@ -111,6 +111,7 @@ class QuantizedECANFNet(nn.Module):
         self.pretrained_cfg["num_classes"] = 0
         self.pretrained_cfg.pop("label_names", None)
         self.pretrained_cfg.pop("label_descriptions", None)
+        self.head = nn.Module()  # a new one: an embedding_view shares the old head with the full model
         self.head.fc = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,8 +237,7 @@ def read_calibration_images(folder: str | os.PathLike, transform: Any, *, sample
 
     A folder with fewer holds out a quarter of them (at least one). Unreadable files are skipped and listed.
     """
-    from .files import walk_image_files
-    from .inference import decoded_batches
+    from .files import decoded_batches, walk_image_files
     from .progress import progress as progress_bar
 
     folder = Path(folder)
@@ -268,12 +268,10 @@ def read_calibration_images(folder: str | os.PathLike, transform: Any, *, sample
 
 def convert_trunk(model: ECANFNet) -> openvino.Model:
     """The folded fp32 trunk (images -> pooled features) of model as an OpenVINO model."""
-    import copy
-
     from .backends import convert_openvino
-    from .embed import embedding_model
+    from .model import embedding_view
 
-    return convert_openvino(embedding_model(copy.deepcopy(model)))
+    return convert_openvino(embedding_view(model))
 
 
 def quantize_trunk(model: ECANFNet, calibration: list[np.ndarray], to_input: Callable[[np.ndarray], np.ndarray], *,
@@ -363,7 +361,7 @@ def quantize_folder(weights: Any, calibration: str | os.PathLike, output: str | 
     (QuantizeRefused) unless force is set.
     """
     from .transforms import eval_transform
-    from .weights import create_model
+    from .factory import create_model
 
     started, output = time.perf_counter(), Path(output)
     check_int8_output(output)
@@ -394,7 +392,7 @@ def quantize_folder(weights: Any, calibration: str | os.PathLike, output: str | 
 def read_validation_images(folder: str | os.PathLike, model: ECANFNet, transform: Any, seed: int,
                            workers: int | None) -> tuple[list[tuple[np.ndarray, int]], list[dict[str, str]]]:
     """(crop, label) pairs of a labelled folder (class subfolders matched to the checkpoint's classes), and the skipped."""
-    from .inference import decoded_batches
+    from .files import decoded_batches
     from .training.data import scan_image_folder
     from .training.evaluate import map_class_folders
 
@@ -423,7 +421,7 @@ def int8_model(model: ECANFNet, trunk: openvino.Model) -> QuantizedECANFNet:
     """An in-memory INT8 model from an INT8 trunk and model's own classifier and metadata."""
     import copy
 
-    from .backends import weights_fingerprint
+    from .weights import weights_fingerprint
 
     # Not yet written, so no file checksum: its source's fingerprint stands for it (written folders have their own).
     digest = hashlib.sha256(f"int8 of {weights_fingerprint(model)}".encode()).hexdigest()
@@ -480,7 +478,8 @@ def write_int8_folder(output: Path, trunk: openvino.Model, model: ECANFNet, repo
     import openvino as ov
     from safetensors.torch import save_file
 
-    from .backends import save_openvino, weights_fingerprint
+    from .backends import save_openvino
+    from .weights import weights_fingerprint
     from .fileio import new_dir_mode
     from .weights import hub_config
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .embed import EmbedOutput, embed_paths, embedding_model, load_vectors, manifest_problem_of, read_json_or_error
+from .embed import EmbedOutput, embed_paths, load_vectors, manifest_problem_of, read_json_or_error
 from .errors import EmbedError
 from .fileio import write_atomically
 from .weights import WeightsSource
@@ -133,9 +133,11 @@ def embed_queries(index: EmbeddingIndex, images: list[str], weights: WeightsSour
 
     device: where the model runs (default: the CPU).
     """
-    from .backends import is_int8_model, make_runner, weights_fingerprint
+    from .backends import is_int8_model, make_runner
+    from .factory import create_model
+    from .model import embedding_view
     from .transforms import eval_transform
-    from .weights import create_model
+    from .weights import weights_fingerprint
 
     plan = index.manifest.get("plan", {})
     if weights is None:
@@ -143,7 +145,7 @@ def embed_queries(index: EmbeddingIndex, images: list[str], weights: WeightsSour
         if recorded is None:
             raise EmbedError(f"{index.files.manifest} does not say which weights made it; pass --weights")
         weights = True if recorded == "published" else recorded
-    model = embedding_model(create_model(pretrained=weights, int8_ok=True))
+    model = embedding_view(create_model(pretrained=weights, int8_ok=True))
     if weights_fingerprint(model) != plan.get("weights_fingerprint"):
         raise EmbedError(f"{weights if weights is not True else 'the published weights'} are not the weights "
                          f"{index.files.vectors} was embedded with (fingerprint {plan.get('weights_fingerprint')}); "

@@ -10,6 +10,7 @@ import re
 import stat
 import struct
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Union
 
@@ -17,8 +18,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageMode, UnidentifiedImageError
 
-from .choices import DECODE_MODES
+from .choices import CROP_MODES, DECODE_MODES, INTERPOLATIONS  # noqa: F401 (CROP_MODES, INTERPOLATIONS re-exported)
 from .errors import ImageLoadError, ImageTooLarge  # noqa: F401 (both re-exported: callers catch them from here)
+from .metadata import PretrainedCfg
 
 # Refuse images over this many pixels before decoding them (PIL's own default bomb threshold,
 # about 9,459 x 9,459).
@@ -370,7 +372,6 @@ def _scale_top(img: Image.Image) -> float:
     return 65535.0 if 0 <= low and high <= 65535 else float(high) or 1.0
 
 
-CROP_MODES = ("center", "squash", "border")
 # The resized image before the crop may be at most this many times the square of the longer side of
 # (H, W)/crop_pct; beyond it (aspect ratios over ~4:1) only the kept region is resampled, so memory
 # stays bounded. The square, not the area, so a portrait photo for a landscape (H, W) stays on the
@@ -381,29 +382,12 @@ CROP_MODES = ("center", "squash", "border")
 MAX_RESIZE_AREA_FACTOR = 4
 
 
-def eval_settings(pretrained_cfg: dict[str, Any]) -> dict[str, Any]:
-    """The test-time preprocessing settings of a checkpoint (test_input_size/test_crop_pct when given).
-
-    image_size is (height, width), from the [3, H, W] input size.
-    """
-    size = pretrained_cfg.get("test_input_size") or pretrained_cfg["input_size"]
-    crop_pct = pretrained_cfg.get("test_crop_pct") or pretrained_cfg.get("crop_pct") or 1.0
-    return {
-        "image_size": (int(size[-2]), int(size[-1])),
-        "crop_pct": float(crop_pct),
-        "crop_mode": pretrained_cfg.get("crop_mode") or "center",
-        "interpolation": pretrained_cfg.get("interpolation", "bicubic"),
-        "mean": tuple(pretrained_cfg["mean"]),
-        "std": tuple(pretrained_cfg["std"]),
-    }
+def eval_settings(pretrained_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """TRANSITION: PretrainedCfg.eval_settings(); kept until the CLI package uses it."""
+    return PretrainedCfg.from_dict(pretrained_cfg).eval_settings()
 
 
-_PIL_FILTERS = {
-    "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
-}
-INTERPOLATIONS = tuple(_PIL_FILTERS)  # what a checkpoint's `interpolation` may name
+_PIL_FILTERS = {name: Image.Resampling[name.upper()] for name in INTERPOLATIONS}
 
 
 class EvalTransform:
@@ -576,9 +560,9 @@ def _crop_offset(side: int, crop: int) -> int:
     return int(round((side - crop) / 2.0)) if side >= crop else -((crop - side) // 2)
 
 
-def eval_transform(pretrained_cfg: dict[str, Any]) -> EvalTransform:
-    """The checkpoint's evaluation preprocessing (see eval_settings)."""
-    return EvalTransform(**eval_settings(pretrained_cfg))
+def eval_transform(pretrained_cfg: Mapping[str, Any]) -> EvalTransform:
+    """The checkpoint's evaluation preprocessing (a PretrainedCfg, or a pretrained_cfg dict such as timm's)."""
+    return EvalTransform(**PretrainedCfg.from_dict(pretrained_cfg).eval_settings())
 
 
 def is_image_file(path: Path) -> bool:

@@ -1,4 +1,4 @@
-"""Checkpoints: one resolver for every weights source, strict loading, and the hub-folder writer.
+"""Checkpoint I/O: one resolver for every weights source, safe reading, strict loading, the hub-folder writer, fingerprints.
 
 Sources, all through :func:`resolve_weights`:
   - ``hf-hub:OWNER/REPO[@REVISION]`` (or the card's ``hf_hub:``), via huggingface_hub's cache
@@ -10,6 +10,7 @@ Sources, all through :func:`resolve_weights`:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -28,7 +29,7 @@ import torch
 from .errors import WeightsError
 from .fileio import write_atomically, write_json_atomically
 from .metadata import MAX_CONFIG_BYTES, short_repr, validate_config
-from .model import CONFIGS, ECANFNet, ECANFNetFeatures, build_model
+from .model import CONFIGS, ECANFNet
 
 WeightsSource = Union[str, os.PathLike]
 
@@ -398,78 +399,6 @@ def _describe_mismatch(name: str, ckpt: Checkpoint, missing: list[str], unexpect
     return "\n".join(lines)
 
 
-def create_model(name: str | None = None, pretrained: bool | WeightsSource = False,
-                 num_classes: int | None = None, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, features_only: bool = False,
-                 out_indices: tuple[int, ...] = (0, 1, 2, 3, 4), int8_ok: bool = False) -> ECANFNet | ECANFNetFeatures:
-    """Build an ECA-NFNet, optionally with weights; metadata and labels travel with the checkpoint.
-
-    name: architecture (default eca_nfnet_l0, or whatever the checkpoint's config names).
-    pretrained: False, True (the published hub checkpoint) or any weights source.
-    num_classes: default the checkpoint's (1000 without one); another value keeps the
-    backbone and gives a freshly initialised classifier.
-    features_only: return the multi-scale trunk (ECANFNetFeatures) with maps out_indices (0..4).
-    int8_ok: a caller that only runs the model (predict, evaluate, embed, serve) also takes an INT8 model
-    folder (written by `ecanfnet quantize`), as a quantize.QuantizedECANFNet; elsewhere it is refused.
-    """
-    int8 = _int8_folder_or_none(pretrained)
-    if int8 is not None:
-        return _load_int8(int8, name, num_classes, features_only, int8_ok)
-    model = _create_classifier(name, pretrained, num_classes, drop_rate, drop_path_rate)
-    return ECANFNetFeatures(model, out_indices) if features_only else model
-
-
-def _int8_folder_or_none(pretrained: bool | WeightsSource | None) -> Path | None:
-    """The folder, when pretrained names an INT8 model folder on disk."""
-    if isinstance(pretrained, (str, os.PathLike)) and not os.fspath(pretrained).startswith(HUB_PREFIXES):
-        from .quantize import is_int8_folder
-
-        folder = Path(pretrained).expanduser()
-        return folder if is_int8_folder(folder) else None
-    return None
-
-
-def _load_int8(folder: Path, name: str | None, num_classes: int | None, features_only: bool, int8_ok: bool):
-    from .quantize import load_int8_folder
-
-    if not int8_ok or features_only:
-        raise WeightsError(f"{folder}: an INT8 model folder (written by `ecanfnet quantize`) can only be run: "
-                           "predict, evaluate, embed, search, serve, bench; to train, export or fine-tune use "
-                           "the fp32 checkpoint it was quantized from (named in its config.json)")
-    model = load_int8_folder(folder)
-    if name and model.name != name:
-        raise WeightsError(f"{folder}: the INT8 model is {model.name}, not the requested {name}")
-    if num_classes is not None and num_classes != model.num_classes:
-        raise WeightsError(f"{folder}: the INT8 model has {model.num_classes} classes; its classifier cannot be "
-                           f"changed to {num_classes}")
-    return model
-
-
-def _create_classifier(name: str | None, pretrained: bool | WeightsSource, num_classes: int | None,
-                       drop_rate: float, drop_path_rate: float) -> ECANFNet:
-    if pretrained is False or pretrained is None:
-        return build_model(name or "eca_nfnet_l0", 1000 if num_classes is None else num_classes,
-                           drop_rate, drop_path_rate)
-    source = default_weights_source(name or "eca_nfnet_l0") if pretrained is True else pretrained
-    ckpt = resolve_weights(source)
-    arch = ckpt.architecture
-    if name and arch and arch != name:
-        raise WeightsError(f"{ckpt.source}: the checkpoint is {arch}, not the requested {name}")
-    if num_classes is None:
-        num_classes = ckpt.num_classes if ckpt.num_classes is not None else 1000
-    # Built on the meta device: random init of 24M weights that are overwritten anyway is skipped.
-    with torch.device("meta"):
-        model = build_model(name or arch or "eca_nfnet_l0", num_classes, drop_rate, drop_path_rate)
-    model.pretrained_cfg.update(ckpt.config.get("pretrained_cfg") or {})
-    model.pretrained_cfg["num_classes"] = model.num_classes
-    if model.num_classes == ckpt.num_classes:
-        for key in ("label_names", "label_descriptions"):
-            if ckpt.config.get(key):
-                model.pretrained_cfg[key] = ckpt.config[key]
-    load_checkpoint(model, ckpt)
-    return model
-
-
 def hub_config(model: ECANFNet, label_names: list[str] | None = None) -> dict[str, Any]:
     """The ``config.json`` of a model in the hub layout: architecture, classes, preprocessing and labels."""
     label_names = list(label_names) if label_names is not None else model.pretrained_cfg.get("label_names")
@@ -503,3 +432,21 @@ def save_pretrained(model: ECANFNet, folder: WeightsSource, label_names: list[st
     write_atomically(folder / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     write_json_atomically(folder / "config.json", config)
     return folder
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 over the names, shapes and bytes of every tensor in the state dict."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def __getattr__(name: str) -> Any:
+    """TRANSITION: create_model moved to factory.py; this keeps old imports working until they are updated."""
+    if name == "create_model":
+        from .factory import create_model
+
+        return create_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

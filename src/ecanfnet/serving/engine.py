@@ -8,9 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from ..backends import make_runner
-from ..embed import embedding_model
 from ..labels import label_names_for
-from ..model import ECANFNet
+from ..model import ECANFNet, embedding_view
 from ..transforms import eval_settings, eval_transform
 
 
@@ -40,7 +39,7 @@ class InferenceEngine:
         self.transform = eval_transform(model.pretrained_cfg)
         self.image_size = eval_settings(model.pretrained_cfg)["image_size"]  # (height, width)
         self.head = copy.deepcopy(model.head.fc).float().cpu().eval()
-        self.runner = make_runner(embedding_model(copy.deepcopy(model)), backend, precision, device)
+        self.runner = make_runner(embedding_view(model), backend, precision, device)
 
     @property
     def backend(self) -> str:
