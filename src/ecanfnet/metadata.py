@@ -238,7 +238,7 @@ class PretrainedCfg(Mapping):
     """
 
     input_size: tuple[int, int, int] = (3, 224, 224)
-    test_input_size: tuple[int, int, int] | None = (3, 288, 288)
+    test_input_size: tuple[int, int, int] | None = (3, 288, 288)  # None: as input_size (so for test_crop_pct)
     interpolation: str = "bicubic"
     crop_pct: float = 0.9
     test_crop_pct: float | None = 1.0
@@ -299,7 +299,7 @@ class PretrainedCfg(Mapping):
         size = self.test_input_size or self.input_size
         return {
             "image_size": (size[1], size[2]),
-            "crop_pct": self.test_crop_pct or self.crop_pct or 1.0,
+            "crop_pct": self.test_crop_pct or self.crop_pct,
             "crop_mode": self.crop_mode,
             "interpolation": self.interpolation,
             "mean": self.mean,
@@ -362,6 +362,11 @@ def _checked_fields(cfg: PretrainedCfg) -> dict[str, Any]:
         **{k: None if v is None else tuple(_input_size(v, k)) for k, v in optional_size.items()},
         "crop_pct": _crop_pct(cfg.crop_pct, "crop_pct"),
         "test_crop_pct": None if cfg.test_crop_pct is None else _crop_pct(cfg.test_crop_pct, "test_crop_pct"),
+    }
+    # None means "test like training" (timm); stored resolved, so equal settings compare equal.
+    out["test_input_size"] = out["test_input_size"] or out["input_size"]
+    out["test_crop_pct"] = out["test_crop_pct"] or out["crop_pct"]
+    out.update({
         "interpolation": _choice(cfg.interpolation, "interpolation", INTERPOLATIONS),
         "crop_mode": _choice(cfg.crop_mode, "crop_mode", CROP_MODES),
         "mean": tuple(_triple(cfg.mean, "mean", positive=False)),
@@ -369,7 +374,7 @@ def _checked_fields(cfg: PretrainedCfg) -> dict[str, Any]:
         "label_names": None if not cfg.label_names else tuple(_labels(cfg.label_names, "label_names", n)),
         "label_descriptions": _frozen_descriptions(cfg.label_descriptions, n),
         "info": MappingProxyType(_checked_info(cfg.info)),
-    }
+    })
     return out
 
 
