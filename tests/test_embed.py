@@ -193,13 +193,52 @@ def test_embed_replaces_its_own_earlier_output(capsys, tmp_path, small_model):
 
 
 def test_embed_device_defaults_to_the_ranks_own():
-    from ecanfnet.embed import _run_device
+    from ecanfnet.distributed import DistContext, context_or_own, resolve_device
 
     rank_gpu = torch.device("cuda:1")  # what distributed_setup gives local rank 1 under torchrun
-    assert _run_device(None, rank_gpu) == rank_gpu and _run_device("cuda", rank_gpu) == rank_gpu
-    assert _run_device("cuda:0", rank_gpu) == torch.device("cuda:0") and _run_device("cpu", rank_gpu).type == "cpu"
-    assert _run_device(None, torch.device("cpu")).type == "cpu"
+    assert resolve_device(None, rank_gpu) == rank_gpu and resolve_device("cuda", rank_gpu) == rank_gpu
+    assert resolve_device("cuda:0", rank_gpu) == torch.device("cuda:0")
+    assert resolve_device("cpu", rank_gpu).type == "cpu"
+    assert resolve_device(None, torch.device("cpu")).type == "cpu"
+    rank1 = DistContext(rank=1, world=2, local_rank=1, device=rank_gpu)  # embed_files' device applied to its context
+    with context_or_own(rank1, "cuda") as ctx:
+        assert ctx == rank1
+    with context_or_own(rank1, "cpu") as ctx:
+        assert (ctx.rank, ctx.world, ctx.device) == (1, 2, torch.device("cpu"))
 
+
+
+def test_embed_files_takes_a_context_and_leaves_only_a_group_it_joined(tmp_path, small_model, monkeypatch):
+    """context=None: a lone process on the device asked for, no process group. A context passed in is the
+    caller's: its group is used (barriers) and left in place for the caller to leave."""
+    import torch.distributed as dist
+
+    import ecanfnet.embed as embed
+    from ecanfnet.distributed import DistContext
+    from hostile import write_pngs
+
+    images = [str(p) for p in write_pngs(tmp_path / "images", 2)]
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "RANK"):  # not under torchrun
+        monkeypatch.delenv(name, raising=False)
+    groups = []
+    real_barrier = embed.barrier
+    monkeypatch.setattr(embed, "barrier", lambda: (groups.append(dist.is_initialized()), real_barrier())[1])
+    alone = embed.embed_files(images, tmp_path / "alone.npy", weights=small_model, backend="torch", progress=False,
+                              device="cpu")
+    assert alone.count == 2 and groups and not any(groups)
+    with pytest.raises(TypeError):
+        embed.embed_files(images, tmp_path / "positional.npy", small_model)  # options are keyword-only
+
+    groups.clear()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        summary = embed.embed_files(images, tmp_path / "grouped.npy", weights=small_model, backend="torch",
+                                    progress=False, context=DistContext(device=torch.device("cpu")))
+        assert groups and all(groups) and dist.is_initialized()  # the caller's group: still there
+    finally:
+        dist.destroy_process_group()
+    assert summary.count == 2 and summary.rank == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "grouped.npy"), np.load(tmp_path / "alone.npy"))
 
 @pytest.fixture(scope="module")
 def small_index(tmp_path_factory, small_model) -> Path:

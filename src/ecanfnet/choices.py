@@ -10,6 +10,8 @@ RUN_PRECISIONS = (*FLOAT_PRECISIONS, "int8")
 # The element type OpenVINO is asked to compute in, for the float precisions its CPU plugin runs.
 OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 DECODE_MODES = ("exact", "fast")
+# How `search` finds neighbours (auto: faiss from 100,000 vectors when it is installed, else exact).
+SEARCH_ENGINES = ("auto", "exact", "faiss")
 # Architectures a checkpoint may name (model.CONFIGS holds their layouts).
 ARCHITECTURES = ("eca_nfnet_l0", "eca_nfnet_l1", "eca_nfnet_l2", "eca_nfnet_l3")
 # How the eval transform fits an image to the input size, and the resampling filters a checkpoint may name.

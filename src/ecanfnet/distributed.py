@@ -1,4 +1,8 @@
-"""Joining a torchrun launch: rank, world size and device of this process, and a barrier.
+"""Where a process stands in a run (DistContext: rank, world size, device), joining a torchrun launch, a barrier.
+
+Library functions that can run on several processes (train, embed_files) take a DistContext; without
+one they run as a lone process on the device asked for. Whoever makes a context that joins a process
+group leaves it: `with distributed_context(device) as ctx:` does both.
 
 A process group joined here survives torchrun's elastic restarts (`--max-restarts`): torchrun's agent
 keeps ONE rendezvous store (MASTER_ADDR:MASTER_PORT) for the whole launch and hands it to every
@@ -18,11 +22,83 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Iterator
 
 import torch
 
 log = logging.getLogger("ecanfnet")
 _groups_joined = 0  # process groups this process has joined so far: part of each one's store key prefix
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """One process's place in a run: global rank, number of processes, rank on its machine, and its device."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+def default_device() -> torch.device:
+    """The first GPU when CUDA is available, else the CPU."""
+    return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_device(asked: str | torch.device | None, own: torch.device) -> torch.device:
+    """The device asked for; none, or a plain "cuda" where own is a GPU, means own (e.g. a torchrun rank's GPU)."""
+    if asked is None:
+        return own
+    asked = torch.device(asked)
+    return own if asked.type == own.type == "cuda" and asked.index is None else asked
+
+
+def single_process(device: str | torch.device | None = None) -> DistContext:
+    """The context of a lone process (rank 0 of 1, no process group) on device (default: default_device())."""
+    return DistContext(device=resolve_device(device, default_device()))
+
+
+def launched_by_torchrun() -> bool:
+    """Whether torchrun started this process (LOCAL_RANK set, or WORLD_SIZE above 1)."""
+    return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def context_from_environment(device: str | torch.device | None = None) -> DistContext:
+    """This process's context under torchrun (joining the process group when WORLD_SIZE > 1), else a lone process.
+
+    device: None or "cuda" is the rank's own device. The caller leaves the group (leave_process_group);
+    distributed_context does that for it."""
+    rank, world, own = distributed_setup()
+    return DistContext(rank, world, int(os.environ.get("LOCAL_RANK", "0")), resolve_device(device, own))
+
+
+@contextmanager
+def distributed_context(device: str | torch.device | None = None) -> Iterator[DistContext]:
+    """context_from_environment for the length of a with block; a process group it joined is always left at its end."""
+    import torch.distributed as dist
+
+    had_group = dist.is_available() and dist.is_initialized()  # someone else's: theirs to leave
+    try:
+        yield context_from_environment(device)
+    finally:
+        if not had_group:
+            leave_process_group()  # here, not at interpreter exit (see the module's docstring)
+
+
+@contextmanager
+def context_or_own(context: DistContext | None, device: str | torch.device | None = None) -> Iterator[DistContext]:
+    """The caller's context (on device, when one is asked for), or, for context None, a lone process on device."""
+    if context is not None:
+        yield replace(context, device=resolve_device(device, context.device))
+    elif launched_by_torchrun():
+        # TRANSITION: remove once the CLI passes a context. Until then a torchrun launch joins (and leaves) its
+        # process group here, as the callers did before they took a context.
+        with distributed_context(device) as ctx:
+            yield ctx
+    else:
+        yield single_process(device)
 
 
 def launch_rank() -> int:

@@ -11,6 +11,7 @@ by a full disk, is embedded again). Files beside OUT.npy are only ever replaced 
 tool's own earlier output (recognised by the manifest's structure and version). Under torchrun, rank r
 embeds shards r, r + world, ...; rank 0 merges once all have finished (OUT on a shared
 filesystem when the ranks are on several machines).
+Under torchrun the caller passes each process's DistContext (distributed.distributed_context).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 from .backends import make_runner, weights_fingerprint
 from .console import printable
-from .distributed import barrier, distributed_setup, leave_process_group, say
+from .distributed import DistContext, barrier, context_or_own, say
 from .errors import EmbedError
 from .fileio import check_output_file, write_atomically, write_json_atomically
 from .inference import decoded_batches
@@ -168,68 +169,84 @@ def embedding_model(model: ECANFNet) -> ECANFNet:
     return model.eval()
 
 
-def embed_files(paths: list[str], output: str | Path, weights: WeightsSource | bool = True,
+def embed_files(paths: list[str], output: str | Path, *, weights: WeightsSource | bool = True,
                 model: ECANFNet | None = None, normalize: bool = False, batch_size: int = 32,
                 shard_size: int = 4096, backend: str = "auto", precision: str | None = None,
                 workers: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS, progress: bool = True,
-                device: str | torch.device | None = None, decode: str = "exact") -> EmbedSummary:
-    """Embed every readable image in paths into OUT.npy (+ .paths.txt, .json); resumable, torchrun-aware.
+                device: str | torch.device | None = None, decode: str = "exact",
+                context: DistContext | None = None) -> EmbedSummary:
+    """Embed every readable image in paths into OUT.npy (+ .paths.txt, .json); resumable, multi-process aware.
 
     weights: any weights source (True: the published checkpoint; an INT8 folder too); ignored when model is given.
     precision: None, the model's own (fp32; int8 for an INT8 model).
     The model passed in loses its classifier (see embedding_model).
-    device: where the model runs (default: under torchrun the rank's own GPU, else CUDA when available, else CPU).
+    device: where the model runs (default: the context's device; without a context CUDA when available, else CPU).
     decode: "exact" or "fast" (JPEGs decoded at a reduced DCT scale, see load_image); part of the resume plan.
+    context: this process's place among several that share the work (distributed.distributed_context); rank r
+    embeds shards r, r + world, ..., rank 0 merges. None: a lone process.
     Refuses (EmbedError) to replace an OUT.json or OUT.paths.txt this tool did not write.
     """
     out = EmbedOutput(Path(output))
     out.check_writable()
-    rank, world, rank_device = distributed_setup()
-    device = _run_device(device, rank_device)
-    net = embedding_model(model if model is not None else create_model(pretrained=weights, int8_ok=True))
-    plan = _plan(paths, net, normalize, shard_size, weights if model is None else None)
-    if decode != "exact":  # recorded only when not the default, so earlier exact runs still resume
-        plan["decode"] = decode
-    manifest = _finished_manifest(out, plan)
-    if manifest is not None:
-        say(f"{printable(out.vectors)} is complete for these files and weights; nothing to do", rank)
-        leave_process_group()
-        return EmbedSummary(out.vectors, manifest["count"], manifest["dim"], manifest["errors"], rank=rank)
+    with context_or_own(context, device) as ctx:
+        net = embedding_model(model if model is not None else create_model(pretrained=weights, int8_ok=True))
+        plan = _plan(paths, net, normalize, shard_size, weights if model is None else None)
+        if decode != "exact":  # recorded only when not the default, so earlier exact runs still resume
+            plan["decode"] = decode
+        manifest = _finished_manifest(out, plan)
+        if manifest is not None:
+            say(f"{printable(out.vectors)} is complete for these files and weights; nothing to do", ctx.rank)
+            return EmbedSummary(out.vectors, manifest["count"], manifest["dim"], manifest["errors"], rank=ctx.rank)
+        runner = make_runner(net, backend, precision, ctx.device, compile_batch=batch_size)
+        embedder = _Embedder(runner, eval_transform(net.pretrained_cfg), net.num_features, normalize=normalize,
+                             batch_size=batch_size, workers=workers, max_pixels=max_pixels, decode=decode)
+        return _embed_and_merge(out, plan, embedder, ctx, progress=progress)
 
+
+@dataclass(frozen=True)
+class _Embedder:
+    """How a run turns files into vectors: the model runner and preprocessing, with embed_paths' options."""
+
+    runner: Callable[[torch.Tensor], torch.Tensor]
+    transform: Callable
+    dim: int
+    normalize: bool = False
+    batch_size: int = 32
+    workers: int | None = None
+    max_pixels: int = MAX_IMAGE_PIXELS
+    decode: str = "exact"
+
+    def __call__(self, paths: list[str], on_batch: Callable[[int], Any] | None = None,
+                 ) -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
+        return embed_paths(paths, self.runner, self.transform, self.dim, normalize=self.normalize,
+                           batch_size=self.batch_size, workers=self.workers, max_pixels=self.max_pixels,
+                           on_batch=on_batch, decode=self.decode)
+
+
+def _embed_and_merge(out: EmbedOutput, plan: dict[str, Any], embedder: _Embedder, ctx: DistContext, *,
+                     progress: bool) -> EmbedSummary:
+    """This rank's unfinished shards (r, r + world, ...), then, once every rank is done, rank 0's merge."""
+    rank, world = ctx.rank, ctx.world
     if rank == 0:
         _start_or_check_parts(out, plan)
     barrier()
     if rank != 0:
         _start_or_check_parts(out, plan)
-
-    runner = make_runner(net, backend, precision, device, compile_batch=batch_size)
-    transform = eval_transform(net.pretrained_cfg)
     mine = list(range(rank, len(plan["shards"]), world))
     todo = [i for i in mine if not _shard_done(out, i, plan, rank)]
     if len(todo) < len(mine):
         say(f"resuming {printable(out.parts)}: {len(mine) - len(todo)} of {len(mine)} shards already done", rank)
     bar = _progress(sum(len(plan["shards"][i]) for i in todo), progress and rank == 0)
     for i in todo:
-        _embed_shard(out, i, plan["shards"][i], runner, transform, net.num_features, normalize,
-                     batch_size, workers, max_pixels, bar, decode)
+        _embed_shard(out, i, plan["shards"][i], embedder, bar)
     bar.close()
     barrier()
-
-    summary = EmbedSummary(out.vectors, 0, net.num_features, shards_embedded=len(todo),
+    summary = EmbedSummary(out.vectors, 0, embedder.dim, shards_embedded=len(todo),
                            shards_reused=len(mine) - len(todo), rank=rank)
     if rank == 0:
         summary.count, summary.errors = _merge(out, plan)
     barrier()
-    leave_process_group()  # here, not at interpreter exit (see distributed.py)
     return summary
-
-
-def _run_device(asked: str | torch.device | None, rank_device: torch.device) -> torch.device:
-    """The device asked for; none, or a plain "cuda" under torchrun, means this rank's own device."""
-    if asked is None:
-        return rank_device
-    asked = torch.device(asked)
-    return rank_device if asked.type == rank_device.type == "cuda" and asked.index is None else asked
 
 
 def _plan(paths: list[str], net: ECANFNet, normalize: bool, shard_size: int, weights: Any) -> dict[str, Any]:
@@ -329,10 +346,9 @@ def _shard_problem(out: EmbedOutput, i: int, plan: dict[str, Any]) -> str | None
     return None
 
 
-def _embed_shard(out: EmbedOutput, i: int, paths: list[str], runner, transform, dim: int, normalize: bool,
-                 batch_size: int, workers: int | None, max_pixels: int, bar, decode: str = "exact") -> None:
-    matrix, good, errors = embed_paths(paths, runner, transform, dim, normalize, batch_size, workers, max_pixels,
-                                       on_batch=bar.update, decode=decode)
+def _embed_shard(out: EmbedOutput, i: int, paths: list[str], embedder: _Embedder, bar) -> None:
+    """Embed shard i's files into its .npy, then write its record (.json), each atomically."""
+    matrix, good, errors = embedder(paths, on_batch=bar.update)
     for err in errors:
         bar.write(f"ecanfnet: skipped {printable(err['error'])}", file=sys.stderr)
     write_atomically(_shard_file(out, i, ".npy"), lambda tmp: _save_npy(tmp, matrix))
@@ -340,7 +356,7 @@ def _embed_shard(out: EmbedOutput, i: int, paths: list[str], runner, transform, 
 
 
 def embed_paths(paths: list[str], runner: Callable[[torch.Tensor], torch.Tensor], transform: Callable,
-                dim: int, normalize: bool = False, batch_size: int = 32, workers: int | None = None,
+                dim: int, *, normalize: bool = False, batch_size: int = 32, workers: int | None = None,
                 max_pixels: int = MAX_IMAGE_PIXELS, on_batch: Callable[[int], Any] | None = None,
                 decode: str = "exact") -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
     """Embed files with a runner: (float32 matrix of the readable ones, their paths, {path, error} of the rest)."""

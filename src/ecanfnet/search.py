@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 
 from .embed import EmbedOutput, embed_paths, load_vectors, manifest_problem_of, read_json_or_error
+from .choices import SEARCH_ENGINES
 from .errors import EmbedError
 from .fileio import write_atomically
 from .weights import WeightsSource
 
-ENGINES = ("auto", "exact", "faiss")
 ANN_MIN_ROWS = 100_000   # 'auto' uses faiss from this many vectors (when installed)
 CHUNK_ROWS = 65_536      # rows scored per numpy matmul in exact search
 
@@ -71,8 +71,8 @@ class EmbeddingIndex:
 
     def search(self, queries: np.ndarray, k: int = 10, engine: str = "auto") -> list[list[Hit]]:
         """The k most cosine-similar rows for each query vector (Q, D), best first."""
-        if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        if engine not in SEARCH_ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(SEARCH_ENGINES)}, got {engine!r}")
         queries = _unit_rows(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
         if queries.shape[1] != self.vectors.shape[1]:
             raise EmbedError(f"query vectors have {queries.shape[1]} dimensions, the index {self.vectors.shape[1]}")

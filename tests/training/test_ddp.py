@@ -47,6 +47,37 @@ def test_torchrun_two_processes_stay_in_sync_and_write_a_loadable_model(uninterr
     assert create_model(pretrained=out).pretrained_cfg["label_names"] == ["astronaut", "coffee", "rocket"]
 
 
+CONTEXT_SCRIPT = """
+import sys
+
+import torch.distributed as dist
+from ecanfnet.distributed import distributed_context
+from ecanfnet.training.config import TrainConfig
+from ecanfnet.training.loop import train
+
+data, out, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with distributed_context() as ctx:
+    train(TrainConfig(data=data, output=out, from_scratch=True, epochs=epochs, batch_size=3, image_size=48,
+                      val_split=0.25, workers=0, progress=False, deterministic=True), context=ctx)
+    assert dist.is_initialized()  # the caller's group: left by distributed_context, not by train
+assert not dist.is_initialized()
+print(f"rank {ctx.rank} of {ctx.world} done", flush=True)
+"""
+
+
+def test_a_caller_passing_its_context_trains_bitwise_as_the_command_does(data, uninterrupted, tmp_path):
+    script, out = tmp_path / "train_in_context.py", tmp_path / "out"
+    script.write_text(CONTEXT_SCRIPT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(data), str(out), str(EPOCHS)],
+                          env=torchrun_env(CPU_ENV), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(f"rank {r} of 2 done" in proc.stdout for r in (0, 1)), proc.stdout
+    straight = uninterrupted[0]
+    a, b = load_file(straight / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (straight / "metrics.csv").read_text() == (out / "metrics.csv").read_text()
+
 def worker_pids(launcher: int) -> dict[int, int]:
     """{LOCAL_RANK: pid} of the workers torchrun (pid `launcher`) runs now, read from /proc."""
     workers = {}
@@ -191,22 +222,33 @@ def test_embed_survives_a_killed_worker_under_torchrun_restarts(tmp_path):
 REJOIN_SCRIPT = """
 import torch
 import torch.distributed as dist
-from ecanfnet.distributed import barrier, distributed_setup, leave_process_group
+from ecanfnet.distributed import barrier, distributed_context, distributed_setup, leave_process_group
 
-for round_ in range(6):
-    rank, world, _ = distributed_setup()
+
+def summed(rank):
     total = torch.tensor([float(rank + 1)])
     dist.all_reduce(total)
     barrier()
-    leave_process_group()
-    assert total.item() == 3.0 and not dist.is_initialized()
+    return total.item()
+
+
+for round_ in range(6):
+    if round_ % 2:  # the group as train() and embed_files() joined it before they took a context
+        rank, world, _ = distributed_setup()
+        total = summed(rank)
+        leave_process_group()
+    else:
+        with distributed_context("cpu") as ctx:
+            rank, total = ctx.rank, summed(ctx.rank)
+    assert total == 3.0 and not dist.is_initialized()
     print(f"rank {rank}: group {round_} done", flush=True)
 """
 
 
 def test_a_process_can_leave_the_group_and_join_a_new_one(tmp_path):
-    """train() and embed_files() leave the group where they end, so one process may call both: each new group
-    must not read the keys of the one before (the gloo addresses of closed sockets)."""
+    """A context made by distributed_context (or a group joined by distributed_setup) is left where its work ends,
+    so one process may train and embed in turn: each new group must not read the keys of the one before (the gloo
+    addresses of closed sockets)."""
     script = tmp_path / "rejoin.py"
     script.write_text(REJOIN_SCRIPT)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

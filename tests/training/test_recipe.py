@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ecanfnet import build_model
-from ecanfnet.training.loop import TrainConfig, _optimizer, lr_at
+from ecanfnet.training.config import TrainConfig, lr_at
+from ecanfnet.training.state import build_optimizer
 
 
 def reference_lr(step: int, total: int, warmup: int, peak: float) -> float:
@@ -50,7 +51,7 @@ def test_lr_after_warmup_equals_torchs_cosine_annealing():
 def test_gains_and_biases_get_no_weight_decay_and_frozen_parameters_are_left_out():
     model = build_model("eca_nfnet_l0", num_classes=5)
     ids = {id(p): n for n, p in model.named_parameters()}
-    decay, no_decay = _optimizer(model, TrainConfig(data="d", output="o", weight_decay=3e-5)).param_groups
+    decay, no_decay = build_optimizer(model, TrainConfig(data="d", output="o", weight_decay=3e-5)).param_groups
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (3e-5, 0.0)
     decay_names = {ids[id(p)] for p in decay["params"]}
     no_decay_names = {ids[id(p)] for p in no_decay["params"]}
@@ -62,6 +63,6 @@ def test_gains_and_biases_get_no_weight_decay_and_frozen_parameters_are_left_out
 
     for name, p in model.named_parameters():  # a linear probe: only the classifier is trained
         p.requires_grad_(name.startswith("head."))
-    groups = _optimizer(model, TrainConfig(data="d", output="o")).param_groups
+    groups = build_optimizer(model, TrainConfig(data="d", output="o")).param_groups
     assert {ids[id(p)] for p in groups[0]["params"]} == {"head.fc.weight"}
     assert {ids[id(p)] for p in groups[1]["params"]} == {"head.fc.bias"}

@@ -53,7 +53,7 @@ def test_tiny_run_learns_and_its_output_loads_in_ecanfnet_and_timm(tmp_path, fol
 
 
 def test_output_records_the_validation_preprocessing_so_evaluate_reproduces_it(tmp_path, folder, timm_hub_folder):
-    from ecanfnet.training.evaluate import evaluate_folder
+    from ecanfnet.evaluate import evaluate_folder
 
     val = make_image_folder(tmp_path / "val", per_class=3, size=72)
     out = train(tiny_config(folder, tmp_path / "out", timm_hub_folder, epochs=2, from_scratch=True, lr=0.05,
@@ -110,6 +110,49 @@ def test_resume_with_changed_settings_is_refused_naming_them(tmp_path, folder, t
     train(tiny_config(folder, out, timm_hub_folder, epochs=1, workers=1, resume=True))  # nothing left to do: fine
 
 
+
+def test_train_without_a_context_is_one_process_on_cfg_device_and_logs_its_resolved_settings_once(
+        tmp_path, folder, timm_hub_folder, monkeypatch, caplog):
+    """context=None outside torchrun: no process group, cfg.device. A context passed in is the caller's: the run
+    uses it and leaves the caller's group in place; the weights are bitwise those of the lone run."""
+    import dataclasses
+    import logging
+
+    import torch.distributed as dist
+
+    from ecanfnet.distributed import DistContext
+    from ecanfnet.training import loop
+
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "RANK"):  # not under torchrun
+        monkeypatch.delenv(name, raising=False)
+    seen = []
+
+    def recording_epoch(state, *args, **kwargs):
+        seen.append((dist.is_initialized(), state.context))
+        return real_epoch(state, *args, **kwargs)
+
+    real_epoch = loop._train_epoch
+    monkeypatch.setattr(loop, "_train_epoch", recording_epoch)
+    caplog.set_level(logging.INFO, "ecanfnet")
+    cfg = tiny_config(folder, tmp_path / "alone", timm_hub_folder, epochs=2, lr=None, device="cpu")
+    train(cfg)
+    assert seen == [(False, DistContext(device=torch.device("cpu")))] * 2
+    resolved = [r.getMessage() for r in caplog.records if "optimizer steps" in r.getMessage()]
+    assert resolved == ["training 2 epochs of 3 optimizer steps (global batch 6), peak learning rate 0.00234375, "
+                        "image size 64"], resolved
+    assert cfg.lr is None  # the caller's config is never changed
+
+    seen.clear()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        grouped = train(dataclasses.replace(cfg, output=str(tmp_path / "grouped")),
+                        context=DistContext(device=torch.device("cpu")))
+        assert dist.is_initialized() and [s[0] for s in seen] == [True, True]
+    finally:
+        dist.destroy_process_group()
+    a, b = load_file(tmp_path / "alone" / "model.safetensors"), load_file(grouped / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
 def test_corrupt_training_image_is_reported_and_skipped(tmp_path, folder, timm_hub_folder, capsys, caplog):
     import shutil
 
@@ -129,7 +172,7 @@ def test_library_skips_unreadable_images_through_logging_only(tmp_path, capsys, 
 
     from ecanfnet import build_model
     from ecanfnet.training.data import ImageFolderDataset, collate_skipping_bad
-    from ecanfnet.training.loop import evaluate_loader
+    from ecanfnet.evaluate import evaluate_loader
 
     model = build_model(num_classes=2)
     good, bad = tmp_path / "good.png", tmp_path / "bad\x1b[2J.jpg"
@@ -227,7 +270,7 @@ def test_fp16_scales_gradients_and_unscales_them_before_agc(tmp_path, folder, ti
 
 
 def test_default_epochs_give_small_folders_enough_steps():
-    from ecanfnet.training.loop import default_epochs
+    from ecanfnet.training.config import default_epochs
 
     assert default_epochs(from_scratch=False, steps_per_epoch=51) == 10   # the card's fine-tuning length
     assert default_epochs(from_scratch=True, steps_per_epoch=51) == 60

@@ -1,1 +1,2 @@
-"""Training with the model card's recipe: AGC, image-folder data, the training loop with exact resume."""
+"""Training with the model card's recipe: settings (config), run state and exact resume (state), image-folder data,
+AGC, and the loop (loop.train)."""

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import TrainingError
 from ..files import walk_image_files
 from ..transforms import ImageLoadError, image_loader
+
+log = logging.getLogger("ecanfnet")
 
 
 def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
@@ -26,6 +30,21 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]
     if not samples:
         raise ValueError(f"{root}: the class subfolders hold no image files")
     return classes, samples
+
+
+def read_samples(data: str, val: str | None = None, *, val_split: float = 0.1,
+                 seed: int = 0) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
+    """Class names and the (training, validation) samples of data (split by val_split, or from the folder val)."""
+    classes, samples = scan_image_folder(data)
+    if len(classes) < 2:
+        raise TrainingError(f"{data}: found {len(classes)} class folder ({', '.join(classes)}); a classifier "
+                            f"needs at least 2 (DATA/CLASS_NAME/IMAGE files, one subfolder per class)")
+    if not val:
+        return (classes, *split_samples(samples, val_split, seed))
+    val_classes, val_samples = scan_image_folder(val)
+    if val_classes != classes:
+        raise TrainingError(f"{val}: its class folders {val_classes} differ from {data}'s {classes}")
+    return classes, samples, val_samples
 
 
 def _links_to_ancestor(folder: Path, root: Path) -> bool:
@@ -80,7 +99,7 @@ def split_samples(samples: list[tuple[str, int]], fraction: float, seed: int) ->
 DEFAULT_CROP_SCALE = (0.35, 1.0)
 
 
-def train_transform(image_size: int, mean: tuple[float, ...], std: tuple[float, ...], randaugment: bool = True,
+def train_transform(image_size: int, mean: tuple[float, ...], std: tuple[float, ...], *, randaugment: bool = True,
                     crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE, hflip: float = 0.5) -> Callable:
     """RandomResizedCrop (bicubic) + horizontal flip + RandAugment(2, 9) + normalisation, via torchvision."""
     from torchvision import transforms as T
@@ -95,3 +114,11 @@ def train_transform(image_size: int, mean: tuple[float, ...], std: tuple[float, 
         steps.append(T.RandAugment(num_ops=2, magnitude=9, interpolation=T.InterpolationMode.BICUBIC))
     steps += [T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(steps)
+
+
+def log_unreadable(errors: list[str], reported: set[str]) -> None:
+    """Log each unreadable-image reason once (a warning on the "ecanfnet" logger); reported: those logged so far."""
+    for err in errors:
+        if err not in reported:
+            reported.add(err)
+            log.warning("skipped unreadable image: %s", err)

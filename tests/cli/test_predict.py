@@ -1,4 +1,4 @@
-"""`ecanfnet predict` end to end: timm parity on real photos, hub cache, bad files, exit codes."""
+"""`ecanfnet predict` end to end: timm parity on real photos, hub cache, bad files, output, exit codes."""
 
 from __future__ import annotations
 
@@ -15,11 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import lay_out_hub_cache, read_json_lines
-from ecanfnet.cli import main
-from helpers import card_timm_transform, huge_png_header
+from helpers import card_timm_transform, huge_png_header, lay_out_hub_cache, read_json_lines
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def timm_top5(model, path: Path) -> list[int]:
@@ -28,20 +26,14 @@ def timm_top5(model, path: Path) -> list[int]:
         return model(x).softmax(-1)[0].topk(5).indices.tolist()
 
 
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def run_subprocess(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT / "src")}
     return subprocess.run([sys.executable, "-m", "ecanfnet", *args], env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_predict_json_gives_timm_top5_on_real_photos(capsys, timm_l0, timm_hub_folder, photo_dir):
-    code, out, err = run_cli(capsys, "predict", "--weights", str(timm_hub_folder), "--format", "json",
+def test_predict_json_gives_timm_top5_on_real_photos(run_cli, timm_l0, timm_hub_folder, photo_dir):
+    code, out, err = run_cli("predict", "--weights", str(timm_hub_folder), "--format", "json",
                              "--batch-size", "4", str(photo_dir))
     assert code == 0, err
     rows = read_json_lines(out)
@@ -74,7 +66,6 @@ def test_hf_hub_source_resolves_from_an_offline_cache(tmp_path, timm_l0, timm_hu
 
 @pytest.mark.slow
 def test_hub_cache_with_only_pytorch_model_bin(tmp_path, timm_l0, photo_dir):
-    import json
     torch.save(timm_l0.state_dict(), tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(json.dumps({"architecture": "eca_nfnet_l0", "num_classes": 1000}))
     lay_out_hub_cache(tmp_path / "hf", "someone/nfnet", {n: tmp_path / n for n in ("config.json", "pytorch_model.bin")})
@@ -120,11 +111,11 @@ def make_bad_inputs(folder: Path, photo: np.ndarray) -> dict[str, str | None]:
             "h_palette_transparent.png": None, "i_good.jpg": None}
 
 
-def test_bad_inputs_are_reported_per_file_and_the_batch_goes_on(capsys, tmp_path, timm_hub_folder):
+def test_bad_inputs_are_reported_per_file_and_the_batch_goes_on(run_cli, tmp_path, timm_hub_folder):
     from skimage import data
 
     expected = make_bad_inputs(tmp_path / "mixed", data.chelsea())
-    code, out, err = run_cli(capsys, "predict", "--weights", str(timm_hub_folder), "--format", "json",
+    code, out, err = run_cli("predict", "--weights", str(timm_hub_folder), "--format", "json",
                              "--batch-size", "2", str(tmp_path / "mixed"))
     assert code == 1
     rows = {Path(r["path"]).name: r for r in read_json_lines(out)}
@@ -137,8 +128,8 @@ def test_bad_inputs_are_reported_per_file_and_the_batch_goes_on(capsys, tmp_path
     assert "4 of 9 inputs failed" in err
 
 
-def test_all_good_exits_zero_and_table_is_readable(capsys, timm_hub_folder, photo_dir):
-    code, out, err = run_cli(capsys, "predict", "--weights", str(timm_hub_folder), "--top-k", "3",
+def test_all_good_exits_zero_and_table_is_readable(run_cli, timm_hub_folder, photo_dir):
+    code, out, err = run_cli("predict", "--weights", str(timm_hub_folder), "--top-k", "3",
                              str(photo_dir / "*.png"))
     assert code == 0, err
     blocks = out.strip().split("\n")
@@ -148,36 +139,28 @@ def test_all_good_exits_zero_and_table_is_readable(capsys, timm_hub_folder, phot
     assert len(blocks) == 4 * len(pngs)
 
 
-def test_missing_paths_fail_with_exit_1(capsys, timm_hub_folder, tmp_path):
-    code, out, err = run_cli(capsys, "predict", "--weights", str(timm_hub_folder), "--format", "json",
+def test_missing_paths_fail_with_exit_1(run_cli, timm_hub_folder, tmp_path):
+    code, out, err = run_cli("predict", "--weights", str(timm_hub_folder), "--format", "json",
                              str(tmp_path / "absent.jpg"), str(tmp_path / "*.nothing"))
     assert code == 1
     errors = [r["error"] for r in read_json_lines(out)]
     assert "absent.jpg: no such file or folder" in errors[0] and "no file matches" in errors[1]
 
 
-@pytest.mark.parametrize("args", [["predict"], ["predict", "--top-k", "0", "x.jpg"],
-                                  ["predict", "--format", "xml", "x.jpg"], ["frobnicate"]])
-def test_usage_errors_exit_2(capsys, args):
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    assert info.value.code == 2
-
-
-def test_progress_bar_on_stderr_for_many_images(capsys, tmp_path, timm_hub_folder, photo_dir):
+def test_progress_bar_on_stderr_for_many_images(run_cli, tmp_path, timm_hub_folder, photo_dir):
     many = tmp_path / "many"
     many.mkdir()
     src = next(photo_dir.glob("*.jpg"))
     for i in range(12):
         shutil.copy(src, many / f"copy_{i:02d}.jpg")
-    code, out, err = run_cli(capsys, "predict", "--weights", str(timm_hub_folder), "--format", "json",
+    code, out, err = run_cli("predict", "--weights", str(timm_hub_folder), "--format", "json",
                              "--batch-size", "5", str(many))
     assert code == 0
     assert len(read_json_lines(out)) == 12
     assert "12/12" in err and "img" in err
 
 
-def test_checkpoint_label_names_are_used(capsys, tmp_path, timm_hub_folder, photo_dir):
+def test_checkpoint_label_names_are_used(run_cli, tmp_path, timm_hub_folder, photo_dir):
     import warnings
 
     from ecanfnet import create_model, save_pretrained
@@ -185,25 +168,19 @@ def test_checkpoint_label_names_are_used(capsys, tmp_path, timm_hub_folder, phot
         warnings.simplefilter("ignore")
         model = create_model(pretrained=timm_hub_folder, num_classes=3)
     save_pretrained(model, tmp_path / "three", label_names=["cat", "cup", "rocket"])
-    code, out, _ = run_cli(capsys, "predict", "--weights", str(tmp_path / "three"), "--format", "json",
+    code, out, _ = run_cli("predict", "--weights", str(tmp_path / "three"), "--format", "json",
                            str(next(photo_dir.glob("*.jpg"))))
     assert code == 0
     (row,) = read_json_lines(out)
     assert sorted(p["label"] for p in row["predictions"]) == ["cat", "cup", "rocket"]
 
 
-# --- hardening: progress off a terminal, escaped output, --device, export and evaluate outputs --------
-
-def _is_raw_control(c: str) -> bool:
-    return ord(c) < 0x20 and c != "\n" or 0x7f <= ord(c) <= 0x9f or c in "\u202e\u2028" or 0xd800 <= ord(c) <= 0xdfff
-
-
-def test_predict_progress_off_a_terminal_is_a_few_plain_lines(capsys, tmp_path):
+def test_predict_progress_off_a_terminal_is_a_few_plain_lines(run_cli, tmp_path):
     from hostile import small_model_folder, write_pngs
 
     model = small_model_folder(tmp_path / "model")
     write_pngs(tmp_path / "imgs", 30)
-    code, out, err = run_cli(capsys, "predict", "--weights", str(model), "--format", "json", "--batch-size", "4",
+    code, out, err = run_cli("predict", "--weights", str(model), "--format", "json", "--batch-size", "4",
                              "--backend", "torch", str(tmp_path / "imgs"))
     assert code == 0, err
     assert len(read_json_lines(out)) == 30
@@ -211,115 +188,28 @@ def test_predict_progress_off_a_terminal_is_a_few_plain_lines(capsys, tmp_path):
     assert err.splitlines()[-1].startswith("predict: 30/30 img (100%)")
 
 
-def test_labels_and_file_names_cannot_drive_the_terminal(capsys, tmp_path):
+def test_labels_and_file_names_cannot_drive_the_terminal(run_cli, raw_control, tmp_path):
     from hostile import TERMINAL_ATTACK_LABELS, TERMINAL_ATTACK_NAME, small_model_folder, write_pngs
 
     model = small_model_folder(tmp_path / "model", label_names=TERMINAL_ATTACK_LABELS)
     (good,) = write_pngs(tmp_path / "imgs", 1, names=[TERMINAL_ATTACK_NAME])
     bad = tmp_path / "imgs" / "bad\x1b]0;x\x07.png"
     bad.write_bytes(b"not a png")
-    code, out, err = run_cli(capsys, "predict", "--weights", str(model), "--top-k", "3", str(good), str(bad))
+    code, out, err = run_cli("predict", "--weights", str(model), "--top-k", "3", str(good), str(bad))
     assert code == 1
-    assert not any(_is_raw_control(c) for c in out + err), repr(out + err)
+    assert not any(raw_control(c) for c in out + err), repr(out + err)
     headers = [line for line in out.splitlines() if not line.startswith("    ")]
     assert headers == [str(good).replace("\x1b", "\\x1b").replace("\n", "\\x0a").replace("\u202e", "\\u202e"),
                        str(bad).replace("\x1b", "\\x1b").replace("\x07", "\\x07")]
     assert "\\x1b]0;pwned\\x07" in out and "\\x1b[2J" in out and "a\\x9b31mb\\x7f\\u202e" in out
 
-    code, out, err = run_cli(capsys, "predict", "--weights", str(model), "--top-k", "3", "--format", "json", str(good))
-    assert code == 0 and not any(_is_raw_control(c) for c in out)
+    code, out, err = run_cli("predict", "--weights", str(model), "--top-k", "3", "--format", "json", str(good))
+    assert code == 0 and not any(raw_control(c) for c in out)
     (row,) = read_json_lines(out)
     assert row["path"] == str(good) and sorted(p["label"] for p in row["predictions"]) == sorted(TERMINAL_ATTACK_LABELS)
 
 
-@pytest.mark.parametrize("command", ["predict", "evaluate", "embed", "search", "bench"])
-def test_device_that_is_not_here_is_one_line(capsys, tmp_path, command):
-    args = {"predict": ["predict", "x.png"], "evaluate": ["evaluate", "--data", str(tmp_path)],
-            "embed": ["embed", "x.png", "--output", str(tmp_path / "e.npy")],
-            "search": ["search", str(tmp_path / "e.npy"), "--query", "x.png"], "bench": ["bench"]}[command]
-    with pytest.raises(SystemExit) as info:
-        main([*args, "--device", "garbage"])
-    assert info.value.code == 2 and "'garbage' is not a device" in capsys.readouterr().err
-    missing = f"cuda:{torch.cuda.device_count() + 3}"
-    code, out, err = run_cli(capsys, *args, "--device", missing)
-    assert code == 1 and out == ""
-    assert err.count("\n") == 1 and err.startswith(f"ecanfnet: error: --device {missing}: "), err
-
-
-@pytest.mark.parametrize("where", ["proc", "under_a_file", "folder", "name_with_controls"])
-def test_export_to_an_unwritable_path_is_one_line_before_loading(capsys, tmp_path, where):
-    from ecanfnet.console import printable
-
-    (tmp_path / "plain").write_text("x")
-    out = {"proc": "/proc/x.onnx", "under_a_file": str(tmp_path / "plain" / "x.onnx"), "folder": str(tmp_path),
-           "name_with_controls": str(tmp_path / "plain" / "x\x1b[2J\n.onnx")}[where]
-    # weights that do not exist: the output is checked first, so they are never looked at
-    code, stdout, err = run_cli(capsys, "export", "onnx", out, "--weights", str(tmp_path / "no-such-weights"))
-    assert code == 1 and stdout == "" and not any(_is_raw_control(c) for c in err)
-    assert err.count("\n") == 1 and err.startswith(f"ecanfnet: error: {printable(out)}: ") and "Traceback" not in err, err
-
-
-def test_evaluate_writes_files_only_where_asked(capsys, tmp_path, monkeypatch):
-    from hostile import small_model_folder, write_pngs
-
-    model = small_model_folder(tmp_path / "model", label_names=["a", "b", "c"])
-    for name in "abc":
-        write_pngs(tmp_path / "data" / name, 2)
-    (tmp_path / "cwd").mkdir()
-    monkeypatch.chdir(tmp_path / "cwd")
-    base = ["evaluate", "--data", str(tmp_path / "data"), "--weights", str(model), "--workers", "0",
-            "--batch-size", "4", "--device", "cpu"]
-    code, out, err = run_cli(capsys, *base, "--format", "json")
-    assert code == 0, err
-    summary = json.loads(out)
-    assert summary["images"] == 6 and "per_class_csv" not in summary
-    assert list((tmp_path / "cwd").iterdir()) == []
-    assert "\r" not in err and err.splitlines()[-1].startswith("evaluate: 6/6 img (100%)"), err
-
-    code, out, err = run_cli(capsys, *base, "--per-class-csv", str(tmp_path / "out" / "pc.csv"), "--no-progress")
-    assert code == 0 and err == "" and f"per class: {tmp_path / 'out' / 'pc.csv'}" in out
-    assert (tmp_path / "out" / "pc.csv").read_text().splitlines()[0] == "class,index,images,top1,top5"
-    code, out, err = run_cli(capsys, *base, "--per-class-csv", "/proc/pc.csv")
-    assert code == 1 and err.count("\n") == 1 and err.startswith("ecanfnet: error: /proc/pc.csv: ")
-    assert list((tmp_path / "cwd").iterdir()) == []
-
-
-@pytest.mark.parametrize(("flag", "value", "rule"), [
-    ("--port", "0", "a TCP port between 1 and 65535"), ("--port", "+80", "a TCP port between 1 and 65535"),
-    ("--port", "9" * 5000, "a TCP port between 1 and 65535"), ("--seed", str(2 ** 32), "an integer in [0, 2**32)"),
-    ("--workers", "x", "an integer >= 0"), ("--workers", " 2", "an integer >= 0"),
-    ("--batch-size", "x", "a positive integer"), ("--batch-size", "1_0", "a positive integer"),
-    ("--image-size", "\u00b2", "an integer from 16 to 64"), ("--image-size", "65", "an integer from 16 to 64")])
-def test_integer_options_take_plain_digits_in_range(flag, value, rule, capsys, monkeypatch):
-    import ecanfnet.metadata
-
-    monkeypatch.setattr(ecanfnet.metadata, "MAX_IMAGE_SIDE", 64)  # --image-size reads the bound, not a copy
-    command = ["serve"] if flag == "--port" else ["train", "--data", "d", "--output", "o"]
-    with pytest.raises(SystemExit) as exit_:
-        main([*command, flag, value])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and f"argument {flag}: must be {rule}, got {value}" in err, err[-300:]
-
-
-def test_integer_options_accept_their_bounds(monkeypatch):
-    import ecanfnet.metadata
-    from ecanfnet.cli import build_parser
-
-    monkeypatch.setattr(ecanfnet.metadata, "MIN_IMAGE_SIDE", 20)
-    args = build_parser().parse_args(["train", "--data", "d", "--output", "o", "--image-size", "20", "--seed",
-                                      str(2 ** 32 - 1), "--workers", "0", "--batch-size", "1"])
-    assert (args.image_size, args.seed, args.workers, args.batch_size) == (20, 2 ** 32 - 1, 0, 1)
-    assert build_parser().parse_args(["serve", "--port", "65535"]).port == 65535
-
-
-def test_importing_the_cli_does_not_import_torch():
-    code = "import sys, ecanfnet.cli; print('torch' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-    assert done.stdout.strip() == "False", done.stderr
-
-
-def test_fast_switch_means_fast_decode_and_the_quickest_precision(capsys, tmp_path, monkeypatch, photo_dir):
+def test_fast_switch_means_fast_decode_and_the_quickest_precision(run_cli, tmp_path, monkeypatch, photo_dir):
     """--fast reaches the library as decode="fast" and precision "fastest"; an explicit --precision wins."""
     import ecanfnet.inference as inference
     from hostile import small_model_folder
@@ -334,7 +224,7 @@ def test_fast_switch_means_fast_decode_and_the_quickest_precision(capsys, tmp_pa
                         (["--fast"], [("precision", "fastest"), ("decode", "fast")]),
                         (["--fast", "--precision", "fp32"], [("precision", "fp32"), ("decode", "fast")])):
         seen.clear()
-        code, out, err = run_cli(capsys, "predict", "--weights", str(folder), "--no-progress", *extra, str(photo_dir))
+        code, out, err = run_cli("predict", "--weights", str(folder), "--no-progress", *extra, str(photo_dir))
         assert code == 0 and seen == want, (extra, seen, err)
-        assert len(read_json_lines(run_cli(capsys, "predict", "--weights", str(folder), "--format", "json",
+        assert len(read_json_lines(run_cli("predict", "--weights", str(folder), "--format", "json",
                                            "--no-progress", *extra, str(photo_dir))[1])) == 6

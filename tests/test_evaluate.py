@@ -15,7 +15,7 @@ from ecanfnet.testing import photo_arrays, random_crop
 from ecanfnet import build_model
 from ecanfnet.cli import main
 from ecanfnet.labels import imagenet_classes
-from ecanfnet.training.evaluate import map_class_folders
+from ecanfnet.evaluate import map_class_folders
 from helpers import card_timm_transform
 
 # real photos filed under ImageNet classes, named three ways: WordNet id, label, index
