@@ -498,7 +498,7 @@ def small_model_folder(folder: Path, num_classes: int = 3, label_names: list[str
     from ecanfnet import create_model, save_pretrained
 
     model = create_model(pretrained=False, num_classes=num_classes)
-    model.pretrained_cfg.update(input_size=(3, size, size), test_input_size=(3, size, size))
+    model.pretrained_cfg = model.pretrained_cfg.replace(input_size=(3, size, size), test_input_size=(3, size, size))
     return save_pretrained(model, folder, label_names=label_names)
 
 

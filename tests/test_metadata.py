@@ -134,7 +134,7 @@ def test_legacy_flat_timm_config_is_read_and_checked(tmp_path, weights):
 
 def test_save_pretrained_output_round_trips(tmp_path):
     model = create_model(pretrained=False, num_classes=3)
-    model.pretrained_cfg.update(input_size=(3, 64, 80), test_input_size=(3, 64, 80), crop_mode="squash")
+    model.pretrained_cfg = model.pretrained_cfg.replace(input_size=(3, 64, 80), test_input_size=(3, 64, 80), crop_mode="squash")
     back = create_model(pretrained=save_pretrained(model, tmp_path, label_names=["cat", "dog", "x\u202ey"]))
     assert back.pretrained_cfg["input_size"] == [3, 64, 80] and back.pretrained_cfg["crop_mode"] == "squash"
     assert back.pretrained_cfg["label_names"] == ["cat", "dog", "x\u202ey"]

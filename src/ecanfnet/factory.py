@@ -74,11 +74,8 @@ def _create_classifier(name: str | None, pretrained: bool | WeightsSource, num_c
     # Built on the meta device: random init of 24M weights that are overwritten anyway is skipped.
     with torch.device("meta"):
         model = build_model(name or arch or "eca_nfnet_l0", num_classes, drop_rate, drop_path_rate)
-    model.pretrained_cfg.update(ckpt.config.get("pretrained_cfg") or {})
-    model.pretrained_cfg["num_classes"] = model.num_classes
-    if model.num_classes == ckpt.num_classes:
-        for key in ("label_names", "label_descriptions"):
-            if ckpt.config.get(key):
-                model.pretrained_cfg[key] = ckpt.config[key]
+    meta = ckpt.pretrained_cfg
+    # The labels belong to the checkpoint's classifier: a model with another one gets none.
+    model.pretrained_cfg = meta if meta.num_classes == model.num_classes else meta.with_classes(model.num_classes)
     load_checkpoint(model, ckpt)
     return model

@@ -71,7 +71,7 @@ class FoldedECANFNet(nn.Module):
         self.name = model.name
         self.num_classes = model.num_classes
         self.num_features = model.num_features
-        self.pretrained_cfg = dict(model.pretrained_cfg)
+        self.pretrained_cfg = model.pretrained_cfg
         stem = model.stem
         self.stem = nn.ModuleList([plain_conv(c) for c in (stem.conv1, stem.conv2, stem.conv3, stem.conv4)])
         self.blocks = nn.Sequential(*[FoldedBlock(b) for stage in model.stages for b in stage])

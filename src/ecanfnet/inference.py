@@ -13,7 +13,6 @@ from . import files
 from .backends import is_int8_model, make_runner
 from .factory import create_model
 from .files import DecodedItem, decoded_batches
-from .labels import label_names_for
 from .model import ECANFNet
 from .transforms import MAX_IMAGE_PIXELS, eval_transform, oriented_rgb
 from .weights import WeightsSource
@@ -92,7 +91,7 @@ class Classifier:
         # weights, and a second one (~95 MB for L0) would be dead weight once the caller lets go of it.
         self.model: ECANFNet | None = model if self.runner.backend in ("torch", "compile") else None
         self.transform = eval_transform(model.pretrained_cfg)
-        self.labels = label_names_for(model.pretrained_cfg, model.num_classes)
+        self.labels = model.pretrained_cfg.readable_labels()
 
     @classmethod
     def from_pretrained(cls, weights: WeightsSource | None = None, device: str | torch.device | None = None,

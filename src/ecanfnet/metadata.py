@@ -262,14 +262,22 @@ class PretrainedCfg(Mapping):
     def from_config(cls, config: Mapping[str, Any], source: str, *, num_classes: int | None = None) -> PretrainedCfg:
         """From a hub config.json (nested or timm's legacy flat layout), checked; num_classes: the weights' width."""
         clean = validate_config(dict(config), source, num_classes)
-        values: dict[str, Any] = dict(clean.get("pretrained_cfg") or {})
-        if "num_classes" in clean or num_classes is not None:
-            values["num_classes"] = clean.get("num_classes", num_classes)
-        values.update({k: clean[k] for k in _LABEL_KEYS if k in clean})
         try:
-            return cls.from_dict(values)
+            return cls.from_validated(clean, num_classes=num_classes)
         except _Invalid as exc:
             raise WeightsError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_validated(cls, clean: Mapping[str, Any], *, num_classes: int | None = None) -> PretrainedCfg:
+        """From validate_config's output; the class count is config.json's, else the weights', else the labels'."""
+        values: dict[str, Any] = dict(clean.get("pretrained_cfg") or {})
+        values.update({k: clean[k] for k in _LABEL_KEYS if k in clean})
+        width = clean.get("num_classes", num_classes)
+        if width is None and values.get("label_names"):
+            width = len(values["label_names"])
+        if width is not None:
+            values["num_classes"] = width
+        return cls.from_dict(values)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> PretrainedCfg:
@@ -292,6 +300,11 @@ class PretrainedCfg(Mapping):
     def with_classes(self, num_classes: int) -> PretrainedCfg:
         """The metadata of a new classifier of num_classes: the labels, which were the old classifier's, are dropped."""
         return self.replace(num_classes=num_classes, label_names=None, label_descriptions=None)
+
+    def as_trained_at(self, image_size: int) -> PretrainedCfg:
+        """The test-time settings of a model trained at image_size: that size, the whole image (no centre crop)."""
+        size = (3, image_size, image_size)
+        return self.replace(input_size=size, test_input_size=size, crop_pct=1.0, test_crop_pct=1.0)
 
     # -- what callers need from it
     def eval_settings(self) -> dict[str, Any]:

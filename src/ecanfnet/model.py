@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .metadata import PretrainedCfg
+
 # Gain that keeps unit variance through SiLU for a unit-Gaussian input (NFNet paper).
 SILU_GAMMA = 1.7881293296813965
 
@@ -50,25 +52,6 @@ CONFIGS: dict[str, NFNetConfig] = {
     "eca_nfnet_l2": NFNetConfig(depths=(3, 6, 18, 9), feat_mult=2.0),
     "eca_nfnet_l3": NFNetConfig(depths=(4, 8, 24, 12), feat_mult=2.0),
 }
-
-
-def default_pretrained_cfg(num_classes: int = 1000) -> dict[str, Any]:
-    """Preprocessing and layout metadata of the ra2_in1k checkpoints (SPEC, hub layout)."""
-    return {
-        "input_size": [3, 224, 224],
-        "test_input_size": [3, 288, 288],
-        "interpolation": "bicubic",
-        "crop_pct": 0.9,
-        "test_crop_pct": 1.0,
-        "crop_mode": "center",
-        "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225],
-        "num_classes": num_classes,
-        "pool_size": [7, 7],
-        "first_conv": "stem.conv1",
-        "classifier": "head.fc",
-        "license": "apache-2.0",
-    }
 
 
 class ScaledStdConv2d(nn.Conv2d):
@@ -225,7 +208,7 @@ class ECANFNet(nn.Module):
         self.num_classes = num_classes
         self.num_features = cfg.num_features
         self.drop_rate = drop_rate
-        self.pretrained_cfg: dict[str, Any] = default_pretrained_cfg(num_classes)
+        self.pretrained_cfg = PretrainedCfg(num_classes=num_classes)
         eps = cfg.std_conv_eps
 
         self.stem = Stem(cfg.in_chans, cfg.stem_channels, eps)
@@ -308,9 +291,7 @@ class ECANFNet(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a freshly initialised one for num_classes (0: no classifier)."""
         self.num_classes = num_classes
-        self.pretrained_cfg["num_classes"] = num_classes
-        self.pretrained_cfg.pop("label_names", None)
-        self.pretrained_cfg.pop("label_descriptions", None)
+        self.pretrained_cfg = self.pretrained_cfg.with_classes(num_classes)
         self.head = ClassifierHead(self.num_features, num_classes, self.drop_rate)
         if isinstance(self.head.fc, nn.Linear):
             nn.init.normal_(self.head.fc.weight, 0.0, 0.01)
@@ -361,7 +342,7 @@ class ECANFNetFeatures(nn.Module):
         if not out_indices or any(i not in range(count) for i in out_indices) or len(set(out_indices)) != len(out_indices):
             raise ValueError(f"out_indices must be distinct values in 0..{count - 1}, got {tuple(out_indices)}")
         self.name = model.name
-        self.pretrained_cfg = dict(model.pretrained_cfg)
+        self.pretrained_cfg = model.pretrained_cfg
         self.out_indices = tuple(out_indices)
         self.stem, self.stages, self.final_conv = model.stem, model.stages, model.final_conv
         self.feature_info = [entry for entry in model.feature_info if entry["index"] in self.out_indices]
@@ -396,7 +377,5 @@ def embedding_view(model: nn.Module) -> nn.Module:
     view = copy.copy(model)
     for table in ("_parameters", "_buffers", "_modules"):
         setattr(view, table, dict(getattr(model, table)))  # new tables, so replacing the head leaves model alone
-    if isinstance(getattr(model, "pretrained_cfg", None), dict):
-        view.pretrained_cfg = dict(model.pretrained_cfg)  # TRANSITION: drop once pretrained_cfg is a PretrainedCfg
     view.reset_classifier(0)
     return view.eval()

@@ -30,7 +30,7 @@ from torch import nn
 from .backends import ir_sha256, openvino_core
 from .errors import QuantizeError, QuantizeRefused, WeightsError  # noqa: F401 (QuantizeRefused: re-exported)
 from .fileio import write_atomically, write_json_atomically
-from .metadata import validate_config
+from .metadata import PretrainedCfg, validate_config
 
 if TYPE_CHECKING:
     import openvino
@@ -65,15 +65,15 @@ class QuantizedECANFNet(nn.Module):
     same name, pretrained_cfg, num_classes, num_features and head.fc; calling it runs the trunk on OpenVINO.
     """
 
-    def __init__(self, trunk: openvino.Model, fc: nn.Linear | None, name: str, pretrained_cfg: dict[str, Any],
+    def __init__(self, trunk: openvino.Model, fc: nn.Linear | None, name: str, pretrained_cfg: PretrainedCfg,
                  num_features: int, trunk_sha256: str) -> None:
         super().__init__()
         self.name, self.num_features = name, num_features
-        self.pretrained_cfg = dict(pretrained_cfg)
         self.head = nn.Module()
         self.head.fc = fc.eval() if fc is not None else nn.Identity()
         self.num_classes = fc.out_features if fc is not None else 0
-        self.pretrained_cfg["num_classes"] = self.num_classes
+        same = pretrained_cfg.num_classes == self.num_classes
+        self.pretrained_cfg = pretrained_cfg if same else pretrained_cfg.with_classes(self.num_classes)
         self._trunk = _Shared(trunk)
         # In the state dict, so that weights_fingerprint (embedding manifests, search) covers the trunk too.
         self.register_buffer("trunk_digest", torch.tensor(list(bytes.fromhex(trunk_sha256)), dtype=torch.uint8))
@@ -108,9 +108,7 @@ class QuantizedECANFNet(nn.Module):
             raise WeightsError("an INT8 model's classifier cannot be replaced; fine-tune the fp32 checkpoint "
                                "and quantize the result")
         self.num_classes = 0
-        self.pretrained_cfg["num_classes"] = 0
-        self.pretrained_cfg.pop("label_names", None)
-        self.pretrained_cfg.pop("label_descriptions", None)
+        self.pretrained_cfg = self.pretrained_cfg.with_classes(0)
         self.head = nn.Module()  # a new one: an embedding_view shares the old head with the full model
         self.head.fc = nn.Identity()
 
@@ -148,7 +146,8 @@ def load_int8_folder(folder: str | os.PathLike) -> QuantizedECANFNet:
         lines = [line for line in str(exc).splitlines() if line.strip()]
         raise WeightsError(f"{xml}: OpenVINO cannot read this model ({lines[-1].strip() if lines else exc})") from None
     _check_trunk_shapes(trunk, config["num_features"], xml)
-    return QuantizedECANFNet(trunk, fc, config["architecture"], config["pretrained_cfg"], config["num_features"], digest)
+    meta = PretrainedCfg.from_validated(config)
+    return QuantizedECANFNet(trunk, fc, config["architecture"], meta, config["num_features"], digest)
 
 
 def _check_file_size(path: Path, limit: int) -> None:
@@ -182,10 +181,6 @@ def _read_int8_config(path: Path) -> dict[str, Any]:
     if not config.get("architecture") or not config.get("num_classes"):
         raise WeightsError(f"{path}: \"architecture\" and a positive \"num_classes\" are needed in an INT8 model folder")
     config.update(quantization={"trunk_sha256": digest}, num_features=width)
-    config.setdefault("pretrained_cfg", {})
-    for key in ("label_names", "label_descriptions"):
-        if config.get(key):
-            config["pretrained_cfg"][key] = config[key]
     return config
 
 
@@ -481,7 +476,6 @@ def write_int8_folder(output: Path, trunk: openvino.Model, model: ECANFNet, repo
     from .backends import save_openvino
     from .weights import weights_fingerprint
     from .fileio import new_dir_mode
-    from .weights import hub_config
 
     check_int8_output(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -492,7 +486,7 @@ def write_int8_folder(output: Path, trunk: openvino.Model, model: ECANFNet, repo
         head = {"head.fc.weight": fc.weight.detach().float().contiguous(),
                 "head.fc.bias": fc.bias.detach().float().contiguous()}
         write_atomically(staging / HEAD_FILE, lambda tmp: save_file(head, tmp))
-        config = hub_config(model)
+        config = model.pretrained_cfg.to_config(architecture=model.name, num_features=model.num_features)
         config["quantization"] = {"format": FORMAT, "trunk_sha256": ir_sha256(staging / TRUNK_FILE),
                                   "source": report.get("source"), "source_fingerprint": weights_fingerprint(model),
                                   "openvino": ov.get_version(), "nncf": nncf.__version__}

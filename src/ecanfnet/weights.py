@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import torch
 from .errors import WeightsError
 from .fileio import write_atomically, write_json_atomically
-from .metadata import MAX_CONFIG_BYTES, short_repr, validate_config
+from .metadata import MAX_CONFIG_BYTES, PretrainedCfg, short_repr, validate_config
 from .model import CONFIGS, ECANFNet
 
 WeightsSource = Union[str, os.PathLike]
@@ -51,7 +51,7 @@ _LEGACY_PREFIXES = tuple(pickle.dumps(_LEGACY_MAGIC, protocol=p) for p in range(
 
 @dataclass
 class Checkpoint:
-    """A state dict plus the hub ``config.json`` that came with it ({} when there was none)."""
+    """A state dict plus the checked hub ``config.json`` that came with it ({} when there was none)."""
 
     state_dict: dict[str, torch.Tensor]
     config: dict[str, Any] = field(default_factory=dict)
@@ -62,6 +62,11 @@ class Checkpoint:
         """Classifier width stored in the weights (None when they hold no classifier)."""
         w = self.state_dict.get("head.fc.weight")
         return int(w.shape[0]) if w is not None else None
+
+    @property
+    def pretrained_cfg(self) -> PretrainedCfg:
+        """The checkpoint's metadata: config.json's values over the published checkpoints' defaults."""
+        return PretrainedCfg.from_validated(self.config, num_classes=self.num_classes)
 
     @property
     def architecture(self) -> str | None:
@@ -399,33 +404,16 @@ def _describe_mismatch(name: str, ckpt: Checkpoint, missing: list[str], unexpect
     return "\n".join(lines)
 
 
-def hub_config(model: ECANFNet, label_names: list[str] | None = None) -> dict[str, Any]:
-    """The ``config.json`` of a model in the hub layout: architecture, classes, preprocessing and labels."""
-    label_names = list(label_names) if label_names is not None else model.pretrained_cfg.get("label_names")
-    if label_names is not None and len(label_names) != model.num_classes:
-        raise ValueError(f"label_names has {len(label_names)} entries but the model has {model.num_classes} classes")
-    pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in ("label_names", "label_descriptions")}
-    pretrained_cfg["num_classes"] = model.num_classes
-    config: dict[str, Any] = {
-        "architecture": model.name,
-        "num_classes": model.num_classes,
-        "num_features": model.num_features,
-        "global_pool": "avg",
-        "pretrained_cfg": pretrained_cfg,
-    }
-    if label_names is not None:
-        config["label_names"] = label_names
-    descriptions = model.pretrained_cfg.get("label_descriptions")
-    if descriptions:
-        config["label_descriptions"] = descriptions
-    return config
-
-
 def save_pretrained(model: ECANFNet, folder: WeightsSource, label_names: list[str] | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` in the hub layout (each file replaced atomically)."""
     from safetensors.torch import save_file
 
-    config = hub_config(model, label_names)
+    cfg = model.pretrained_cfg
+    if label_names is not None:
+        if len(label_names) != model.num_classes:
+            raise ValueError(f"label_names has {len(label_names)} entries but the model has {model.num_classes} classes")
+        cfg = cfg.replace(label_names=tuple(label_names))
+    config = cfg.to_config(architecture=model.name, num_features=model.num_features)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from ..backends import make_runner
-from ..labels import label_names_for
 from ..model import ECANFNet, embedding_view
-from ..transforms import eval_settings, eval_transform
+from ..transforms import eval_transform
 
 
 @dataclass
@@ -32,12 +31,12 @@ class InferenceEngine:
                  device: str | torch.device | None = None) -> None:
         model = model.eval()
         self.name = model.name
-        self.pretrained_cfg = dict(model.pretrained_cfg)
+        self.pretrained_cfg = model.pretrained_cfg
         self.num_classes = model.num_classes
         self.num_features = model.num_features
-        self.labels = label_names_for(model.pretrained_cfg, model.num_classes)
+        self.labels = model.pretrained_cfg.readable_labels()
         self.transform = eval_transform(model.pretrained_cfg)
-        self.image_size = eval_settings(model.pretrained_cfg)["image_size"]  # (height, width)
+        self.image_size = model.pretrained_cfg.eval_settings()["image_size"]  # (height, width)
         self.head = copy.deepcopy(model.head.fc).float().cpu().eval()
         self.runner = make_runner(embedding_view(model), backend, precision, device)
 

@@ -103,14 +103,8 @@ def _initial_model(cfg: TrainConfig, classes: list[str]) -> ECANFNet:
     if cfg.freeze_backbone:
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("head."))
-    model.pretrained_cfg["label_names"] = classes
+    model.pretrained_cfg = model.pretrained_cfg.replace(label_names=tuple(classes))
     return model
-
-
-def preprocessing_as_trained(image_size: int) -> dict[str, Any]:
-    """Test-time settings of a model trained at image_size: that size, whole image (no centre crop)."""
-    return {"input_size": [3, image_size, image_size], "test_input_size": [3, image_size, image_size],
-            "crop_pct": 1.0, "test_crop_pct": 1.0}
 
 
 def _datasets(cfg: TrainConfig, model: ECANFNet, train_samples: list[tuple[str, int]],
@@ -121,7 +115,7 @@ def _datasets(cfg: TrainConfig, model: ECANFNet, train_samples: list[tuple[str, 
                               hflip=cfg.hflip)
     train_ds = ImageFolderDataset(train_samples, augment)
     # OUT records the preprocessing validation uses, so predict/evaluate/timm reproduce the validation numbers
-    model.pretrained_cfg.update(preprocessing_as_trained(cfg.image_size))
+    model.pretrained_cfg = model.pretrained_cfg.as_trained_at(cfg.image_size)
     return train_ds, ImageFolderDataset(val_samples, eval_transform(model.pretrained_cfg))
 
 
