@@ -55,7 +55,7 @@ def _peak_rss_mb(reset_worked: bool) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / scale / 2**20
 
 
-def benchmark(model: ECANFNet, backend: str, precision: str, batch_size: int = 1, image_size: int = 288,
+def benchmark(model: ECANFNet, backend: str, precision: str, *, batch_size: int = 1, image_size: int = 288,
               repeats: int = 10, warmup: int = 2, device: torch.device | None = None) -> dict[str, Any]:
     """Median time of `repeats` forward passes after `warmup` ones, and the peak memory while doing it."""
     device = device or torch.device("cpu")

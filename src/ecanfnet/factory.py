@@ -13,7 +13,7 @@ from .weights import HUB_PREFIXES, WeightsSource, default_weights_source, load_c
 
 
 def create_model(name: str | None = None, pretrained: bool | WeightsSource = False,
-                 num_classes: int | None = None, drop_rate: float = 0.0,
+                 num_classes: int | None = None, *, drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, features_only: bool = False,
                  out_indices: tuple[int, ...] = (0, 1, 2, 3, 4), int8_ok: bool = False) -> ECANFNet | ECANFNetFeatures:
     """Build an ECA-NFNet, optionally with weights; metadata and labels travel with the checkpoint.

@@ -57,7 +57,7 @@ CONFIGS: dict[str, NFNetConfig] = {
 class ScaledStdConv2d(nn.Conv2d):
     """Conv2d whose weight is standardized per output channel, then scaled by gain * gamma / sqrt(fan_in)."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1,
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, *,
                  groups: int = 1, eps: float = 1e-5, gamma: float = SILU_GAMMA) -> None:
         padding = ((stride - 1) + (kernel_size - 1)) // 2
         super().__init__(in_ch, out_ch, kernel_size, stride=stride, padding=padding, groups=groups, bias=True)
@@ -137,7 +137,7 @@ class Downsample(nn.Module):
 class NFBlock(nn.Module):
     """Pre-activation bottleneck with an extra grouped 3x3, ECA on the output, and NF scaling."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, alpha: float, beta: float,
+    def __init__(self, in_ch: int, out_ch: int, stride: int, *, alpha: float, beta: float,
                  cfg: NFNetConfig, drop_path: float = 0.0) -> None:
         super().__init__()
         mid = int(out_ch * cfg.bottleneck_ratio)
@@ -200,7 +200,7 @@ class ClassifierHead(nn.Module):
 class ECANFNet(nn.Module):
     """ECA-NFNet: stem, four stages of NF blocks, a widening 1x1 conv, and a linear classifier."""
 
-    def __init__(self, cfg: NFNetConfig, num_classes: int = 1000, drop_rate: float = 0.0,
+    def __init__(self, cfg: NFNetConfig, num_classes: int = 1000, *, drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, name: str = "eca_nfnet") -> None:
         super().__init__()
         self.cfg = cfg
@@ -218,8 +218,8 @@ class ECANFNet(nn.Module):
         for depth, out_ch, stride in zip(cfg.depths, cfg.channels, cfg.strides):
             blocks = []
             for b in range(depth):
-                blocks.append(NFBlock(prev, out_ch, stride if b == 0 else 1, cfg.alpha,
-                                      expected_var ** -0.5, cfg, path_rates[i]))
+                blocks.append(NFBlock(prev, out_ch, stride if b == 0 else 1, alpha=cfg.alpha,
+                                      beta=expected_var ** -0.5, cfg=cfg, drop_path=path_rates[i]))
                 if b == 0:
                     expected_var = 1.0  # the first block's projection shortcut resets the variance
                 expected_var += cfg.alpha ** 2
@@ -365,7 +365,7 @@ def build_model(name: str = "eca_nfnet_l0", num_classes: int = 1000, drop_rate: 
     """Build a randomly initialised network by architecture name (see CONFIGS)."""
     if name not in CONFIGS:
         raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(CONFIGS)}")
-    return ECANFNet(CONFIGS[name], num_classes, drop_rate, drop_path_rate, name=name)
+    return ECANFNet(CONFIGS[name], num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate, name=name)
 
 
 def embedding_view(model: nn.Module) -> nn.Module:

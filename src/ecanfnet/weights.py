@@ -392,7 +392,7 @@ def load_checkpoint(model: ECANFNet, ckpt: Checkpoint) -> None:
 
 
 def _describe_mismatch(name: str, ckpt: Checkpoint, missing: list[str], unexpected: list[str],
-                       mismatched: list[str], not_float: list[str], shown: int = 8) -> str:
+                       mismatched: list[str], not_float: list[str], *, shown: int = 8) -> str:
     lines = [f"{ckpt.source}: the checkpoint does not fit {name}"
              + (f" (it looks like {ckpt.architecture})" if ckpt.architecture not in (None, name) else "")]
     for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),

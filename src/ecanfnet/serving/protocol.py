@@ -20,73 +20,77 @@ BUSY = ("server busy: more than {limit} connections are open, or {limit} request
         "(--max-connections)")
 
 
-def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
-    """An H11Protocol class that closes a connection whose next request headers are not complete within seconds."""
+class HeaderTimeoutProtocol(H11Protocol):
+    """One HTTP/1.1 connection: uvicorn's, plus the header timeout and JSON 400/503 answers."""
 
-    class HeaderTimeoutProtocol(H11Protocol):
-        """One HTTP/1.1 connection: uvicorn's, plus the header timeout and JSON 400/503 answers."""
+    header_timeout = 30.0  # seconds; header_timeout_protocol makes a subclass with the server's own
+    _header_timer: asyncio.TimerHandle | None = None
 
-        header_timeout = seconds
-        _header_timer: asyncio.TimerHandle | None = None
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # uvicorn answers over its limit_concurrency with its own plain-text 503: the same limit is
+        # checked here instead (uvicorn's check off), in front of the app, to answer in the API's shape.
+        self.max_connections, self.limit_concurrency = self.limit_concurrency, None
+        self.api_app, self.app = self.app, self._app_unless_busy
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            # uvicorn answers over its limit_concurrency with its own plain-text 503: the same limit is
-            # checked here instead (uvicorn's check off), in front of the app, to answer in the API's shape.
-            self.max_connections, self.limit_concurrency = self.limit_concurrency, None
-            self.api_app, self.app = self.app, self._app_unless_busy
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        """Start the clock for the first request's headers."""
+        super().connection_made(transport)
+        self._arm_header_timer()
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            """Start the clock for the first request's headers."""
-            super().connection_made(transport)
-            self._arm_header_timer()
+    def on_response_complete(self) -> None:
+        """Start the clock for the next request's headers on this keep-alive connection."""
+        super().on_response_complete()
+        self._arm_header_timer()
 
-        def on_response_complete(self) -> None:
-            """Start the clock for the next request's headers on this keep-alive connection."""
-            super().on_response_complete()
-            self._arm_header_timer()
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Stop the header clock."""
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            """Stop the header clock."""
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-            super().connection_lost(exc)
+    def send_400_response(self, msg: str) -> None:
+        """A JSON 400 for a malformed request or headers over --max-header-bytes, then close."""
+        body = json.dumps({"detail": BAD_REQUEST}).encode()
+        headers = _closing_json_headers(body)
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                      h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
-        def send_400_response(self, msg: str) -> None:
-            """A JSON 400 for a malformed request or headers over --max-header-bytes, then close."""
-            body = json.dumps({"detail": BAD_REQUEST}).encode()
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                       (b"connection", b"close")]
-            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
-                          h11.Data(data=body), h11.EndOfMessage()):
-                self.transport.write(self.conn.send(event))
+    async def _app_unless_busy(self, scope: Any, receive: Any, send: Any) -> None:
+        """The app, or a JSON 503 + Retry-After (then close) over --max-connections."""
+        limit = self.max_connections
+        # This request's own task is already in self.tasks (uvicorn counted before adding it).
+        if limit is None or (len(self.connections) <= limit and len(self.tasks) <= limit):
+            return await self.api_app(scope, receive, send)
+        self.logger.warning("Exceeded --max-connections %d.", limit)
+        body = json.dumps({"detail": BUSY.format(limit=limit)}).encode()
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [*_closing_json_headers(body), (b"retry-after", b"1")]})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_timer = None
+        if not self.transport.is_closing():
+            self._header_timer = self.loop.call_later(self.header_timeout, self._headers_overdue)
+
+    def _headers_overdue(self) -> None:
+        self._header_timer = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            return  # the headers arrived and a request is being handled: the app bounds its body
+        if not self.transport.is_closing():
             self.transport.close()
 
-        async def _app_unless_busy(self, scope: Any, receive: Any, send: Any) -> None:
-            """The app, or a JSON 503 + Retry-After (then close) over --max-connections."""
-            limit = self.max_connections
-            # This request's own task is already in self.tasks (uvicorn counted before adding it).
-            if limit is None or (len(self.connections) <= limit and len(self.tasks) <= limit):
-                return await self.api_app(scope, receive, send)
-            self.logger.warning("Exceeded --max-connections %d.", limit)
-            body = json.dumps({"detail": BUSY.format(limit=limit)}).encode()
-            await send({"type": "http.response.start", "status": 503, "headers": [
-                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                (b"retry-after", b"1"), (b"connection", b"close")]})
-            await send({"type": "http.response.body", "body": body, "more_body": False})
 
-        def _arm_header_timer(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-            self._header_timer = None
-            if not self.transport.is_closing():
-                self._header_timer = self.loop.call_later(self.header_timeout, self._headers_overdue)
+def header_timeout_protocol(seconds: float) -> type[HeaderTimeoutProtocol]:
+    """The protocol class uvicorn is given: closes a connection whose next request headers take over seconds."""
+    return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout": seconds})
 
-        def _headers_overdue(self) -> None:
-            self._header_timer = None
-            if self.cycle is not None and not self.cycle.response_complete:
-                return  # the headers arrived and a request is being handled: the app bounds its body
-            if not self.transport.is_closing():
-                self.transport.close()
 
-    return HeaderTimeoutProtocol
+def _closing_json_headers(body: bytes) -> list[tuple[bytes, bytes]]:
+    """Headers of a JSON error body after which the connection is closed."""
+    return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close")]
