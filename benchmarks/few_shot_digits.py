@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from ecanfnet import create_model
-from ecanfnet.training.evaluate import evaluate_folder
-from ecanfnet.training.loop import TrainConfig, train
+from ecanfnet.evaluate import evaluate_folder
+from ecanfnet.training.config import TrainConfig
+from ecanfnet.training.loop import train
 from train_digits import write_digits
 
 

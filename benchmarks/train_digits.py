@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import statistics
 import tempfile
 import time
@@ -23,7 +24,8 @@ from PIL import Image
 
 from ecanfnet import build_model
 from ecanfnet.training.agc import adaptive_clip_grad_
-from ecanfnet.training.loop import TrainConfig, train
+from ecanfnet.training.config import TrainConfig
+from ecanfnet.training.loop import train
 
 
 def write_digits(root: Path, size: int = 64) -> int:
@@ -88,22 +90,23 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         n = write_digits(Path(tmp) / "digits")
-        cfg = TrainConfig(data=str(Path(tmp) / "digits"), output=str(Path(tmp) / "out"), from_scratch=True,
-                          epochs=args.epochs, batch_size=args.batch_size, image_size=64, workers=2)
         overrides = {k: v for k, v in (("crop_scale", args.crop_scale), ("hflip", args.hflip),
                                                   ("ema_decay", args.ema_decay)) if v is not None}
-        for key, value in overrides.items():
-            setattr(cfg, key, tuple(value) if key == "crop_scale" else value)
+        cfg = TrainConfig(data=str(Path(tmp) / "digits"), output=str(Path(tmp) / "out"), from_scratch=True,
+                          epochs=args.epochs, batch_size=args.batch_size, image_size=64, workers=2,
+                          **{k: tuple(v) if k == "crop_scale" else v for k, v in overrides.items()})
         start = time.perf_counter()
-        train(cfg)
+        out = train(cfg)
         wall = time.perf_counter() - start
-    last = cfg.history[-1]
-    trained = n * (1 - cfg.val_split) * cfg.epochs
+        with (out / "metrics.csv").open(newline="") as f:
+            history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    last, epochs = history[-1], len(history)
+    trained = n * (1 - cfg.val_split) * epochs
     setting = f"overrides {overrides}" if overrides else "defaults"
-    print(f"\n## ecanfnet train on digits ({n} scans, 64 px, from scratch, {setting}, {cfg.epochs} epochs)")
-    print(f"val top-1 {100 * last['val_top1']:.2f}%  (best {100 * max(r['val_top1'] for r in cfg.history):.2f}%), "
+    print(f"\n## ecanfnet train on digits ({n} scans, 64 px, from scratch, {setting}, {epochs} epochs)")
+    print(f"val top-1 {100 * last['val_top1']:.2f}%  (best {100 * max(r['val_top1'] for r in history):.2f}%), "
           f"val loss {last['val_loss']:.4f}, wall {wall:.0f} s, {trained / wall:.1f} training images/s incl. validation")
-    print("val top-1 by epoch: " + " ".join(f"{100 * r['val_top1']:.1f}" for r in cfg.history))
+    print("val top-1 by epoch: " + " ".join(f"{100 * r['val_top1']:.1f}" for r in history))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ecanfnet.testing import photo_arrays, random_crop
-from ecanfnet.training.loop import TrainConfig
+from ecanfnet.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -35,11 +35,11 @@ def make_labelled_folder(root: Path) -> Path:
 def test_class_folders_map_by_wnid_label_and_index():
     cfg = build_model().pretrained_cfg
     wnids = [w for w, _ in imagenet_classes()]
-    assert map_class_folders(list(FOLDERS), cfg, 1000) == [wnids.index("n02123045"), 504, wnids.index("n04266014"), 417]
+    assert map_class_folders(list(FOLDERS), cfg) == [wnids.index("n02123045"), 504, wnids.index("n04266014"), 417]
     with pytest.raises(ValueError, match=r"\['pizza place'\] match no class"):
-        map_class_folders(["n02123045", "pizza place"], cfg, 1000)
-    custom = dict(cfg, label_names=["cat", "dog"])
-    assert map_class_folders(["dog", "cat", "1"], custom, 2) == [1, 0, 1]
+        map_class_folders(["n02123045", "pizza place"], cfg)
+    custom = cfg.with_classes(2).replace(label_names=("cat", "dog"))
+    assert map_class_folders(["dog", "cat", "1"], custom) == [1, 0, 1]
 
 
 @pytest.mark.slow

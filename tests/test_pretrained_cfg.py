@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import pickle
 
 import pytest
 
@@ -75,3 +77,10 @@ def test_from_config_names_the_file_and_field():
         PretrainedCfg.from_config({"pretrained_cfg": {"crop_mode": "zoom"}}, "somewhere/config.json")
     with pytest.raises(WeightsError, match=r"^c.json: num_classes is 5 but the classifier in the weights has 2"):
         PretrainedCfg.from_config({"num_classes": 5}, "c.json", num_classes=2)
+
+
+def test_copies_are_the_object_and_a_pickle_round_trips():
+    cfg = PretrainedCfg(num_classes=2, label_names=("cat", "dog"), label_descriptions={"cat": "a cat", "dog": "a dog"})
+    assert copy.deepcopy(cfg) is cfg and copy.copy(cfg) is cfg
+    back = pickle.loads(pickle.dumps(cfg))
+    assert back == cfg and back is not cfg and back["label_descriptions"] == {"cat": "a cat", "dog": "a dog"}

@@ -11,7 +11,6 @@ from PIL import Image
 
 from ecanfnet import ImageLoadError, build_model, eval_transform, load_image
 from ecanfnet.testing import photo_arrays
-from ecanfnet.metadata import PretrainedCfg
 from ecanfnet.transforms import to_rgb
 from helpers import card_timm_transform, huge_png_header
 
@@ -169,13 +168,6 @@ def test_unknown_crop_mode_is_refused_by_name():
     cfg = dict(build_model().pretrained_cfg, crop_mode="zoom")
     with pytest.raises(ValueError, match="crop_mode must be one of center, squash, border, got 'zoom'"):
         eval_transform(cfg)
-
-
-def test_eval_settings_give_height_and_width():
-    cfg = dict(build_model().pretrained_cfg, test_input_size=[3, 48, 80], crop_mode="squash")
-    settings = PretrainedCfg.from_dict(cfg).eval_settings()
-    assert settings["image_size"] == (48, 80) and settings["crop_mode"] == "squash"
-    assert eval_transform(cfg).image_size == (48, 80)
 
 
 def test_border_mode_keeps_a_pixel_of_an_extreme_strip():

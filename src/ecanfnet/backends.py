@@ -22,7 +22,7 @@ from .errors import BackendError
 from .fileio import write_atomically
 from .folded import PRECISIONS, FoldedECANFNet, prepare_for_inference
 from .model import ECANFNet
-from .weights import weights_fingerprint  # noqa: F401 TRANSITION: re-exported until embed.py imports it from weights
+from .weights import weights_fingerprint
 
 if TYPE_CHECKING:
     import openvino

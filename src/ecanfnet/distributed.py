@@ -92,11 +92,6 @@ def context_or_own(context: DistContext | None, device: str | torch.device | Non
     """The caller's context (on device, when one is asked for), or, for context None, a lone process on device."""
     if context is not None:
         yield replace(context, device=resolve_device(device, context.device))
-    elif launched_by_torchrun():
-        # TRANSITION: remove once the CLI passes a context. Until then a torchrun launch joins (and leaves) its
-        # process group here, as the callers did before they took a context.
-        with distributed_context(device) as ctx:
-            yield ctx
     else:
         yield single_process(device)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,15 +27,18 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .backends import make_runner, weights_fingerprint
+from .backends import make_runner
 from .console import printable
 from .distributed import DistContext, barrier, context_or_own, say
 from .errors import EmbedError
+from .factory import create_model
 from .fileio import check_output_file, write_atomically, write_json_atomically
-from .inference import decoded_batches
-from .model import ECANFNet
+from .files import decoded_batches
+from .model import ECANFNet, embedding_view
 from .transforms import MAX_IMAGE_PIXELS, eval_transform
-from .weights import WeightsSource, create_model
+from .weights import WeightsSource, weights_fingerprint
+
+log = logging.getLogger("ecanfnet")
 
 MANIFEST_VERSION = 1
 
@@ -163,12 +166,6 @@ class EmbedSummary:
     rank: int = 0
 
 
-def embedding_model(model: ECANFNet) -> ECANFNet:
-    """The model with its classifier removed, so that it outputs the pooled pre-logit vector."""
-    model.reset_classifier(0)
-    return model.eval()
-
-
 def embed_files(paths: list[str], output: str | Path, *, weights: WeightsSource | bool = True,
                 model: ECANFNet | None = None, normalize: bool = False, batch_size: int = 32,
                 shard_size: int = 4096, backend: str = "auto", precision: str | None = None,
@@ -179,7 +176,7 @@ def embed_files(paths: list[str], output: str | Path, *, weights: WeightsSource 
 
     weights: any weights source (True: the published checkpoint; an INT8 folder too); ignored when model is given.
     precision: None, the model's own (fp32; int8 for an INT8 model).
-    The model passed in loses its classifier (see embedding_model).
+    A model passed in is left whole: its trunk is run without the classifier (model.embedding_view).
     device: where the model runs (default: the context's device; without a context CUDA when available, else CPU).
     decode: "exact" or "fast" (JPEGs decoded at a reduced DCT scale, see load_image); part of the resume plan.
     context: this process's place among several that share the work (distributed.distributed_context); rank r
@@ -189,7 +186,7 @@ def embed_files(paths: list[str], output: str | Path, *, weights: WeightsSource 
     out = EmbedOutput(Path(output))
     out.check_writable()
     with context_or_own(context, device) as ctx:
-        net = embedding_model(model if model is not None else create_model(pretrained=weights, int8_ok=True))
+        net = embedding_view(model if model is not None else create_model(pretrained=weights, int8_ok=True))
         plan = _plan(paths, net, normalize, shard_size, weights if model is None else None)
         if decode != "exact":  # recorded only when not the default, so earlier exact runs still resume
             plan["decode"] = decode
@@ -350,7 +347,7 @@ def _embed_shard(out: EmbedOutput, i: int, paths: list[str], embedder: _Embedder
     """Embed shard i's files into its .npy, then write its record (.json), each atomically."""
     matrix, good, errors = embedder(paths, on_batch=bar.update)
     for err in errors:
-        bar.write(f"ecanfnet: skipped {printable(err['error'])}", file=sys.stderr)
+        log.info("skipped %s", err["error"])
     write_atomically(_shard_file(out, i, ".npy"), lambda tmp: _save_npy(tmp, matrix))
     write_json_atomically(_shard_file(out, i, ".json"), {"paths": good, "errors": errors})
 

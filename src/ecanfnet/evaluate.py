@@ -12,7 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from .fileio import write_csv_atomically
-from .labels import imagenet_classes, label_names_for
+from .labels import imagenet_classes
+from .metadata import PretrainedCfg
 from .progress import progress as progress_reporter
 from .training.data import ImageFolderDataset, collate_skipping_bad, log_unreadable, scan_image_folder
 from .transforms import eval_transform
@@ -72,14 +73,14 @@ class EvalReport:
                 "skipped": len(self.skipped)}
 
 
-def map_class_folders(folders: list[str], pretrained_cfg: dict[str, Any], num_classes: int) -> list[int]:
+def map_class_folders(folders: list[str], pretrained_cfg: PretrainedCfg) -> list[int]:
     """Model output index for each class folder: by label name, by WordNet id (n01440764), or by index.
 
     Raises ValueError naming the folders that match none of them.
     """
-    names = label_names_for(pretrained_cfg, num_classes)
-    lookup = {name: i for i, name in enumerate(names)}
-    for i, raw in enumerate(pretrained_cfg.get("label_names") or []):
+    num_classes = pretrained_cfg.num_classes
+    lookup = {name: i for i, name in enumerate(pretrained_cfg.readable_labels())}
+    for i, raw in enumerate(pretrained_cfg.label_names or ()):
         lookup.setdefault(str(raw), i)
     if num_classes == 1000:
         for i, (wnid, label) in enumerate(imagenet_classes()):
@@ -107,7 +108,7 @@ def evaluate_folder(model: torch.nn.Module, data: str | Path, batch_size: int = 
 
     decode="fast": JPEGs decoded at a reduced DCT scale (see load_image)."""
     folders, samples = scan_image_folder(data)
-    mapping = map_class_folders(folders, model.pretrained_cfg, model.num_classes)
+    mapping = map_class_folders(folders, model.pretrained_cfg)
     samples = [(path, mapping[i]) for path, i in samples]
     loader = DataLoader(ImageFolderDataset(samples, eval_transform(model.pretrained_cfg), decode), batch_size,
                         num_workers=workers, collate_fn=collate_skipping_bad)

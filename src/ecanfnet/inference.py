@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
-from . import files
 from .backends import is_int8_model, make_runner
 from .factory import create_model
 from .files import DecodedItem, decoded_batches
@@ -45,12 +44,6 @@ class ImageResult:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
         return {"path": self.path, "predictions": [asdict(p) for p in self.predictions or []]}
-
-
-def find_images(args: Iterable[str]) -> tuple[list[str], list[ImageResult]]:
-    """TRANSITION: files.find_images with each problem as an error ImageResult; kept until the CLI package uses it."""
-    paths, problems = files.find_images(args)
-    return paths, [ImageResult(p.path, error=p.error) for p in problems]
 
 
 def _as_rgb_image(image: Image.Image | np.ndarray) -> Image.Image:

@@ -335,6 +335,17 @@ class PretrainedCfg(Mapping):
         config.update({k: self[k] for k in _LABEL_KEYS if k in self})
         return config
 
+    # -- immutable: copies are the object itself; pickling rebuilds (and re-checks) it from plain values
+    def __copy__(self) -> PretrainedCfg:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PretrainedCfg:
+        return self
+
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
+        plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return _rebuild, ({k: dict(v) if isinstance(v, Mapping) else v for k, v in plain.items()},)
+
     # -- the read-only dict view
     def _as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -354,6 +365,11 @@ class PretrainedCfg(Mapping):
 
     def __len__(self) -> int:
         return len(self._as_json())
+
+
+def _rebuild(fields: dict[str, Any]) -> PretrainedCfg:
+    """PretrainedCfg from its fields (how a pickled one is restored)."""
+    return PretrainedCfg(**fields)
 
 
 def _json_value(value: Any) -> Any:

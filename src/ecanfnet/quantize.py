@@ -389,11 +389,11 @@ def read_validation_images(folder: str | os.PathLike, model: ECANFNet, transform
     """(crop, label) pairs of a labelled folder (class subfolders matched to the checkpoint's classes), and the skipped."""
     from .files import decoded_batches
     from .training.data import scan_image_folder
-    from .training.evaluate import map_class_folders
+    from .evaluate import map_class_folders
 
     try:
         folders, samples = scan_image_folder(folder)
-        mapping = map_class_folders(folders, model.pretrained_cfg, model.num_classes)
+        mapping = map_class_folders(folders, model.pretrained_cfg)
     except (FileNotFoundError, ValueError) as exc:
         raise QuantizeError(f"--val: {exc}") from None
     if len(samples) > MAX_VALIDATION_IMAGES:

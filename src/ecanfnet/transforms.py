@@ -382,11 +382,6 @@ def _scale_top(img: Image.Image) -> float:
 MAX_RESIZE_AREA_FACTOR = 4
 
 
-def eval_settings(pretrained_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """TRANSITION: PretrainedCfg.eval_settings(); kept until the CLI package uses it."""
-    return PretrainedCfg.from_dict(pretrained_cfg).eval_settings()
-
-
 _PIL_FILTERS = {name: Image.Resampling[name.upper()] for name in INTERPOLATIONS}
 
 

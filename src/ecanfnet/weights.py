@@ -429,12 +429,3 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:24]
-
-
-def __getattr__(name: str) -> Any:
-    """TRANSITION: create_model moved to factory.py; this keeps old imports working until they are updated."""
-    if name == "create_model":
-        from .factory import create_model
-
-        return create_model
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -68,16 +68,6 @@ def test_without_a_context_a_run_is_a_lone_process_on_the_device_asked_for(monke
     assert single_process().device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def test_under_torchrun_without_a_context_the_environment_gives_it(monkeypatch):
-    """TRANSITION: until the CLI passes a context, a torchrun launch is read from its environment (one process
-    here: no group to join)."""
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    with context_or_own(None, "cpu") as ctx:
-        assert (ctx.rank, ctx.world, ctx.local_rank, ctx.device) == (0, 1, 0, torch.device("cpu"))
-
-
 def test_distributed_context_leaves_only_a_group_it_joined(monkeypatch):
     import torch.distributed as dist
 

@@ -48,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Embed every image named; exit 1 if any input could not be read."""
+    from ..distributed import distributed_context
     from ..embed import EmbedOutput, embed_files
     from ..files import find_images
 
@@ -59,10 +60,11 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         error("no images to embed")
         return EXIT_FAILED
-    summary = embed_files(paths, args.output, weights=weights_or_published(args.weights), normalize=args.normalize,
-                          batch_size=args.batch_size, shard_size=args.shard_size,
-                          backend=backend_for(args.backend, len(paths), args.weights), precision=args.precision,
-                          workers=args.workers, progress=not args.no_progress, device=device, decode=args.decode)
+    with distributed_context(device) as context:  # under torchrun: this rank's share of the files
+        summary = embed_files(paths, args.output, weights=weights_or_published(args.weights), normalize=args.normalize,
+                              batch_size=args.batch_size, shard_size=args.shard_size,
+                              backend=backend_for(args.backend, len(paths), args.weights), precision=args.precision,
+                              workers=args.workers, progress=not args.no_progress, decode=args.decode, context=context)
     if summary.rank == 0:  # the other ranks leave the merge to rank 0
         print(f"wrote {summary.count} x {summary.dim} vectors to {printable(summary.output)} "
               f"({len(summary.errors)} unreadable files skipped, listed in the .json)")

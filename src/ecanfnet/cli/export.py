@@ -37,12 +37,11 @@ def run(args: argparse.Namespace) -> int:
     from ..backends import export_onnx, export_torchscript
     from ..factory import create_model
     from ..fileio import check_output_file
-    from ..metadata import PretrainedCfg
 
     check_output_file(args.output)  # before the model loads and the export runs
     model = create_model(pretrained=weights_or_published(args.weights))
     size = ((args.image_size,) * 2 if args.image_size
-            else PretrainedCfg.from_dict(model.pretrained_cfg).eval_settings()["image_size"])
+            else model.pretrained_cfg.eval_settings()["image_size"])
     export = export_onnx if args.kind == "onnx" else export_torchscript
     try:
         rel_error = export(model, args.output, image_size=size)

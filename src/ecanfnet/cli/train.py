@@ -128,17 +128,18 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Train and report where the model went."""
-    from ..distributed import launch_rank
+    from ..distributed import distributed_context
     from ..training.loop import train
 
     if args.crop_scale and args.crop_scale[0] > args.crop_scale[1]:
         error(f"argument --crop-scale: MIN must not exceed MAX, got {args.crop_scale[0]:g} {args.crop_scale[1]:g}")
         return EXIT_USAGE
     try:
-        out = train(train_config(args))
+        with distributed_context() as context:  # under torchrun: this rank's place in the group
+            out = train(train_config(args), context=context)
     except (TrainingError, FileNotFoundError, ValueError) as exc:
         error(str(exc))
         return EXIT_FAILED
-    if launch_rank() == 0:  # under torchrun every rank returns here; one line is enough
+    if context.rank == 0:  # under torchrun every rank returns here; one line is enough
         print(printable(f"trained model in {out} (predict with: ecanfnet predict --weights {out} IMAGES)"))
     return EXIT_OK

@@ -26,7 +26,8 @@ from ..fileio import write_atomically, write_csv_atomically
 from ..model import ECANFNet
 from ..progress import progress as progress_reporter
 from ..transforms import eval_transform
-from ..weights import create_model, save_pretrained
+from ..factory import create_model
+from ..weights import save_pretrained
 from .agc import adaptive_clip_grad_
 from .config import AUTOCAST_DTYPES, Schedule, TrainConfig, describe_resolved, resolve, steps_per_epoch
 from .data import ImageFolderDataset, collate_skipping_bad, log_unreadable, read_samples, train_transform
