@@ -1,4 +1,4 @@
-"""Shared fixtures: timm reference models with every tensor randomised, real photos, hub folders."""
+"""Shared fixtures: timm reference models with every tensor randomised, real photos, hub folders, the in-process CLI."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 from PIL import Image
 
+from ecanfnet.cli import main
 from ecanfnet.testing import photo_arrays, timm_model
 
 
@@ -47,3 +49,11 @@ def timm_hub_folder(tmp_path_factory, timm_l0) -> Path:
     return folder
 
 
+@pytest.fixture
+def run_cli(capsys) -> Callable[..., tuple[int, str, str]]:
+    """run_cli(*args) -> (exit code, stdout, stderr) of main(args)."""
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run

@@ -137,6 +137,8 @@ def test_embedding_view_outputs_pooled_features_and_leaves_the_model_whole():
     model = randomize_(build_model(num_classes=5)).eval()
     x = torch.randn(2, 3, 64, 64)
     view = embedding_view(model)
+    view.register_forward_hook(lambda *_: None)
+    assert not model._forward_hooks  # the view's hook is its own
     with torch.no_grad():
         pooled, logits = view(x), model(x)
         assert torch.equal(pooled, model.forward_head(model.forward_features(x), pre_logits=True))

@@ -77,6 +77,9 @@ def test_from_config_names_the_file_and_field():
         PretrainedCfg.from_config({"pretrained_cfg": {"crop_mode": "zoom"}}, "somewhere/config.json")
     with pytest.raises(WeightsError, match=r"^c.json: num_classes is 5 but the classifier in the weights has 2"):
         PretrainedCfg.from_config({"num_classes": 5}, "c.json", num_classes=2)
+    # weights without a classifier: pretrained_cfg's class count is what the labels must match
+    with pytest.raises(WeightsError, match=r"^c.json: label_descriptions has 2 entries but the classifier has 4"):
+        PretrainedCfg.from_config({"pretrained_cfg": {"num_classes": 4}, "label_descriptions": ["x", "y"]}, "c.json")
 
 
 def test_copies_are_the_object_and_a_pickle_round_trips():

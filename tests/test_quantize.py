@@ -24,12 +24,6 @@ from ecanfnet.factory import create_model  # noqa: E402
 pytestmark = pytest.mark.slow  # processes, servers or training runs: `pytest -m "not slow"` skips them
 
 
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture(scope="module")
 def calibration_dir(tmp_path_factory) -> Path:
     """16 JPEG crops of the real photos and one corrupt file."""
@@ -90,9 +84,9 @@ def test_int8_logits_follow_the_fp32_network(int8_run, timm_l0, photo_dir):
     assert torch.cosine_similarity(got, want).min() > 0.95
 
 
-def test_predict_evaluate_embed_and_bench_take_the_int8_folder(capsys, int8_run, photo_dir, tmp_path):
+def test_predict_evaluate_embed_and_bench_take_the_int8_folder(run_cli, int8_run, photo_dir, tmp_path):
     out = str(int8_run[0])
-    code, stdout, err = run_cli(capsys, "predict", "--weights", out, "--format", "json", "--no-progress", str(photo_dir))
+    code, stdout, err = run_cli("predict", "--weights", out, "--format", "json", "--no-progress", str(photo_dir))
     rows = read_json_lines(stdout)
     assert code == 0 and len(rows) == 6 and all(len(r["predictions"]) == 5 for r in rows), err
 
@@ -100,19 +94,19 @@ def test_predict_evaluate_embed_and_bench_take_the_int8_folder(capsys, int8_run,
     for row in rows:  # each photo filed under the class INT8 predicts for it: top-1 must then be 100 %
         (labelled / str(row["predictions"][0]["index"])).mkdir(parents=True, exist_ok=True)
         shutil.copy(row["path"], labelled / str(row["predictions"][0]["index"]))
-    code, stdout, err = run_cli(capsys, "evaluate", "--weights", out, "--data", str(labelled), "--format", "json",
+    code, stdout, err = run_cli("evaluate", "--weights", out, "--data", str(labelled), "--format", "json",
                                 "--no-progress")
     assert code == 0 and json.loads(stdout)["top1"] == 1.0 and json.loads(stdout)["images"] == 6, err
 
-    code, _, err = run_cli(capsys, "embed", "--weights", out, str(photo_dir), "--output", str(tmp_path / "e.npy"),
+    code, _, err = run_cli("embed", "--weights", out, str(photo_dir), "--output", str(tmp_path / "e.npy"),
                            "--no-progress")
     vectors = np.load(tmp_path / "e.npy")
     assert code == 0 and vectors.shape == (6, 2304) and np.isfinite(vectors).all(), err
-    code, stdout, err = run_cli(capsys, "search", str(tmp_path / "e.npy"), "--query", str(next(photo_dir.iterdir())),
+    code, stdout, err = run_cli("search", str(tmp_path / "e.npy"), "--query", str(next(photo_dir.iterdir())),
                                 "-k", "1", "--format", "json")
     assert code == 0 and read_json_lines(stdout)[0]["neighbours"][0]["score"] == pytest.approx(1.0, abs=1e-4), err
 
-    code, stdout, err = run_cli(capsys, "bench", "--weights", out, "--repeats", "1", "--warmup", "0", "--format", "json")
+    code, stdout, err = run_cli("bench", "--weights", out, "--repeats", "1", "--warmup", "0", "--format", "json")
     (row,) = read_json_lines(stdout)
     assert code == 0 and (row["backend"], row["precision"]) == ("openvino", "int8") and "note" not in row, err
 
@@ -132,31 +126,31 @@ def test_serve_takes_the_int8_folder(int8_run, photo_dir):
         server.stop()
 
 
-def test_bench_int8_on_a_float_checkpoint_says_speed_only(capsys, tmp_path):
+def test_bench_int8_on_a_float_checkpoint_says_speed_only(run_cli, tmp_path):
     from hostile import small_model_folder
 
     folder = small_model_folder(tmp_path / "small", 3, size=64)
-    code, stdout, err = run_cli(capsys, "bench", "--weights", str(folder), "--precision", "int8", "--image-size", "64",
+    code, stdout, err = run_cli("bench", "--weights", str(folder), "--precision", "int8", "--image-size", "64",
                                 "--repeats", "1", "--warmup", "0")
     assert code == 0, err
     assert "openvino" in stdout and "int8" in stdout and "calibrated on random input: speed only" in stdout
 
 
-def test_empty_or_missing_calibration_folder_is_one_line(capsys, tmp_path, timm_hub_folder):
+def test_empty_or_missing_calibration_folder_is_one_line(run_cli, tmp_path, timm_hub_folder):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
     for folder, says in ((tmp_path / "empty", "no image files"), (tmp_path / "nowhere", "no such folder")):
-        code, _, err = run_cli(capsys, "quantize", "--weights", str(timm_hub_folder), "--calibration", str(folder),
+        code, _, err = run_cli("quantize", "--weights", str(timm_hub_folder), "--calibration", str(folder),
                                "--output", str(tmp_path / "out"))
         assert code == 1 and says in one_error_line(err) and str(folder) in err
         assert not (tmp_path / "out").exists()
 
 
-def test_a_folder_that_is_not_an_int8_model_is_not_replaced(capsys, tmp_path, timm_hub_folder, calibration_dir):
+def test_a_folder_that_is_not_an_int8_model_is_not_replaced(run_cli, tmp_path, timm_hub_folder, calibration_dir):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.txt").write_text("precious")
-    code, _, err = run_cli(capsys, "quantize", "--weights", str(timm_hub_folder), "--calibration",
+    code, _, err = run_cli("quantize", "--weights", str(timm_hub_folder), "--calibration",
                            str(calibration_dir), "--output", str(mine))
     assert code == 1 and "not replacing it" in one_error_line(err)
     assert (mine / "thesis.txt").read_text() == "precious" and len(list(mine.iterdir())) == 1
@@ -258,11 +252,11 @@ def _rewrite_head(folder: Path) -> None:
 
 
 @pytest.mark.parametrize("case", list(HOSTILE))
-def test_a_hostile_int8_folder_is_one_clear_line(capsys, tmp_path, int8_run, photo_dir, case):
+def test_a_hostile_int8_folder_is_one_clear_line(run_cli, tmp_path, int8_run, photo_dir, case):
     damage, says = HOSTILE[case]
     folder = _copy(int8_run[0], tmp_path / "int8")
     damage(folder)
-    code, _, err = run_cli(capsys, "predict", "--weights", str(folder), str(photo_dir / "astronaut.jpg"))
+    code, _, err = run_cli("predict", "--weights", str(folder), str(photo_dir / "astronaut.jpg"))
     line = one_error_line(err)
     assert code == 1 and says in line, line
 

@@ -12,6 +12,9 @@ OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 DECODE_MODES = ("exact", "fast")
 # How `search` finds neighbours (auto: faiss from 100,000 vectors when it is installed, else exact).
 SEARCH_ENGINES = ("auto", "exact", "faiss")
+# quantize: calibration images, held-out images and the agreement under which the INT8 model is refused
+# (here, free of torch, because `ecanfnet quantize --help` shows them).
+DEFAULT_SAMPLES, DEFAULT_HOLDOUT, DEFAULT_MIN_AGREEMENT = 300, 100, 0.90
 # Architectures a checkpoint may name (model.CONFIGS holds their layouts).
 ARCHITECTURES = ("eca_nfnet_l0", "eca_nfnet_l1", "eca_nfnet_l2", "eca_nfnet_l3")
 # How the eval transform fits an image to the input size, and the resampling filters a checkpoint may name.

@@ -60,11 +60,6 @@ def single_process(device: str | torch.device | None = None) -> DistContext:
     return DistContext(device=resolve_device(device, default_device()))
 
 
-def launched_by_torchrun() -> bool:
-    """Whether torchrun started this process (LOCAL_RANK set, or WORLD_SIZE above 1)."""
-    return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def context_from_environment(device: str | torch.device | None = None) -> DistContext:
     """This process's context under torchrun (joining the process group when WORLD_SIZE > 1), else a lone process.
 
@@ -92,6 +87,10 @@ def context_or_own(context: DistContext | None, device: str | torch.device | Non
     """The caller's context (on device, when one is asked for), or, for context None, a lone process on device."""
     if context is not None:
         yield replace(context, device=resolve_device(device, context.device))
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Each rank would otherwise do the whole job alone, all writing the same output.
+        raise ValueError(f"launched by torchrun with {os.environ['WORLD_SIZE']} processes but given no context: "
+                         "pass context= from `with ecanfnet.distributed.distributed_context() as context:`")
     else:
         yield single_process(device)
 

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from .backends import is_int8_model, make_runner
+from .distributed import default_device
 from .factory import create_model
 from .files import DecodedItem, decoded_batches
 from .model import ECANFNet
@@ -57,11 +58,6 @@ def _as_rgb_image(image: Image.Image | np.ndarray) -> Image.Image:
     if 0 in image.shape:
         raise ValueError(f"expected a non-empty image, got shape {image.shape}")
     return oriented_rgb(Image.fromarray(np.ascontiguousarray(image)))
-
-
-def default_device() -> torch.device:
-    """CUDA when available, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class Classifier:

@@ -86,11 +86,21 @@ def _clean_config(config: dict[str, Any], width: int | None) -> dict[str, Any]:
     pretrained_cfg = _clean_pretrained_cfg(raw, prefix)
     if pretrained_cfg or "pretrained_cfg" in config:
         out["pretrained_cfg"] = pretrained_cfg
+    width = _class_count(out, width)
     for key in _LABEL_KEYS:
         name, value = (key, config[key]) if key in config else (prefix + key, raw.get(key))
         if value:
             out[key] = _labels(value, name, width) if key == "label_names" else _descriptions(value, name, width)
     return out
+
+
+def _class_count(clean: Mapping[str, Any], weights_width: int | None) -> int | None:
+    """The classes a checked config describes: its num_classes, else the weights', else pretrained_cfg's, else its labels'."""
+    for width in (clean.get("num_classes"), weights_width, (clean.get("pretrained_cfg") or {}).get("num_classes")):
+        if width is not None:
+            return width
+    names = clean.get("label_names") or (clean.get("pretrained_cfg") or {}).get("label_names")
+    return len(names) if names else None
 
 
 def _architecture(value: Any) -> str:
@@ -228,7 +238,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _DEFAULT_INFO = {"pool_size": (7, 7), "first_conv": "stem.conv1", "classifier": "head.fc", "license": "apache-2.0"}
 
 
-@dataclass(frozen=True, eq=True)
+@dataclass(frozen=True, eq=False)
 class PretrainedCfg(Mapping):
     """Typed, frozen checkpoint metadata: preprocessing, classes and labels; reads like timm's pretrained_cfg dict.
 
@@ -262,22 +272,20 @@ class PretrainedCfg(Mapping):
     def from_config(cls, config: Mapping[str, Any], source: str, *, num_classes: int | None = None) -> PretrainedCfg:
         """From a hub config.json (nested or timm's legacy flat layout), checked; num_classes: the weights' width."""
         clean = validate_config(dict(config), source, num_classes)
-        try:
-            return cls.from_validated(clean, num_classes=num_classes)
-        except _Invalid as exc:
-            raise WeightsError(f"{source}: {exc}") from None
+        return cls.from_validated(clean, source, num_classes=num_classes)
 
     @classmethod
-    def from_validated(cls, clean: Mapping[str, Any], *, num_classes: int | None = None) -> PretrainedCfg:
-        """From validate_config's output; the class count is config.json's, else the weights', else the labels'."""
+    def from_validated(cls, clean: Mapping[str, Any], source: str, *, num_classes: int | None = None) -> PretrainedCfg:
+        """From validate_config's output for source (a file, named in errors); num_classes: the weights' width."""
         values: dict[str, Any] = dict(clean.get("pretrained_cfg") or {})
         values.update({k: clean[k] for k in _LABEL_KEYS if k in clean})
-        width = clean.get("num_classes", num_classes)
-        if width is None and values.get("label_names"):
-            width = len(values["label_names"])
+        width = _class_count(clean, num_classes)
         if width is not None:
             values["num_classes"] = width
-        return cls.from_dict(values)
+        try:
+            return cls.from_dict(values)
+        except _Invalid as exc:
+            raise WeightsError(f"{source}: {exc}") from None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> PretrainedCfg:
@@ -334,6 +342,12 @@ class PretrainedCfg(Mapping):
         }
         config.update({k: self[k] for k in _LABEL_KEYS if k in self})
         return config
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to another PretrainedCfg or a dict holding the same values (as timm's dict compares)."""
+        return dict(self) == dict(other) if isinstance(other, Mapping) else NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # like a dict: equal to dicts, so not hashable
 
     # -- immutable: copies are the object itself; pickling rebuilds (and re-checks) it from plain values
     def __copy__(self) -> PretrainedCfg:

@@ -369,13 +369,16 @@ def build_model(name: str = "eca_nfnet_l0", num_classes: int = 1000, drop_rate: 
 
 
 def embedding_view(model: nn.Module) -> nn.Module:
-    """model without its classifier, in eval mode: outputs the pooled embedding and shares every weight.
+    """model without its classifier: outputs the pooled embedding and shares every weight and submodule.
 
-    The caller's model keeps its classifier; nothing is copied but the module's own attribute tables.
+    The caller's model keeps its classifier and hooks; only the module's own tables (parameters, buffers,
+    submodules, hooks) are copied, so the view's new head and hooks stay its own. The trunk is shared, so
+    its training/eval mode is the model's (make_runner folds or exports it, which needs neither).
     Works for any model with reset_classifier (ECANFNet, quantize.QuantizedECANFNet).
     """
     view = copy.copy(model)
-    for table in ("_parameters", "_buffers", "_modules"):
-        setattr(view, table, dict(getattr(model, table)))  # new tables, so replacing the head leaves model alone
+    for name, table in vars(model).items():
+        if name.startswith("_") and isinstance(table, (dict, set)):
+            setattr(view, name, type(table)(table))  # e.g. _modules, _forward_hooks: the view's own from here on
     view.reset_classifier(0)
-    return view.eval()
+    return view

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .backends import ir_sha256, openvino_core
+from .choices import DEFAULT_HOLDOUT, DEFAULT_MIN_AGREEMENT, DEFAULT_SAMPLES
 from .errors import QuantizeError, QuantizeRefused, WeightsError  # noqa: F401 (QuantizeRefused: re-exported)
 from .fileio import write_atomically, write_json_atomically
 from .metadata import PretrainedCfg, validate_config
@@ -43,7 +44,6 @@ TRUNK_FILE, HEAD_FILE, REPORT_FILE = "trunk.xml", "head.safetensors", "quantizat
 MAX_TRUNK_XML_BYTES = 32 * 2**20
 MAX_TRUNK_BIN_BYTES = 512 * 2**20
 MAX_NUM_FEATURES = 16384
-DEFAULT_SAMPLES, DEFAULT_HOLDOUT, DEFAULT_MIN_AGREEMENT = 300, 100, 0.90
 
 logger = logging.getLogger("ecanfnet")
 
@@ -111,6 +111,7 @@ class QuantizedECANFNet(nn.Module):
         self.pretrained_cfg = self.pretrained_cfg.with_classes(0)
         self.head = nn.Module()  # a new one: an embedding_view shares the old head with the full model
         self.head.fc = nn.Identity()
+        self._runner = None  # one built before ran the classifier too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (or pooled features once the classifier is dropped) for a preprocessed float batch."""
@@ -146,7 +147,7 @@ def load_int8_folder(folder: str | os.PathLike) -> QuantizedECANFNet:
         lines = [line for line in str(exc).splitlines() if line.strip()]
         raise WeightsError(f"{xml}: OpenVINO cannot read this model ({lines[-1].strip() if lines else exc})") from None
     _check_trunk_shapes(trunk, config["num_features"], xml)
-    meta = PretrainedCfg.from_validated(config)
+    meta = PretrainedCfg.from_validated(config, str(folder / "config.json"))
     return QuantizedECANFNet(trunk, fc, config["architecture"], meta, config["num_features"], digest)
 
 

@@ -66,7 +66,7 @@ class Checkpoint:
     @property
     def pretrained_cfg(self) -> PretrainedCfg:
         """The checkpoint's metadata: config.json's values over the published checkpoints' defaults."""
-        return PretrainedCfg.from_validated(self.config, num_classes=self.num_classes)
+        return PretrainedCfg.from_validated(self.config, self.source, num_classes=self.num_classes)
 
     @property
     def architecture(self) -> str | None:

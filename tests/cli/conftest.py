@@ -1,22 +1,10 @@
-"""Running `ecanfnet` in-process for the CLI tests, and the check that its output cannot drive a terminal."""
+"""The check that the CLI's output cannot drive a terminal (run_cli is in tests/conftest.py)."""
 
 from __future__ import annotations
 
 from typing import Callable
 
 import pytest
-
-from ecanfnet.cli import main
-
-
-@pytest.fixture
-def run_cli(capsys) -> Callable[..., tuple[int, str, str]]:
-    """run_cli(*args) -> (exit code, stdout, stderr) of main(args)."""
-    def run(*args: str) -> tuple[int, str, str]:
-        code = main(list(args))
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
 
 
 @pytest.fixture

@@ -68,6 +68,14 @@ def test_without_a_context_a_run_is_a_lone_process_on_the_device_asked_for(monke
     assert single_process().device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def test_under_torchrun_without_a_context_a_run_is_refused(monkeypatch):
+    """N ranks each doing the whole job into one output would be wrong: the caller must pass their context."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="launched by torchrun with 2 processes but given no context"):
+        with context_or_own(None, "cpu"):
+            pass
+
+
 def test_distributed_context_leaves_only_a_group_it_joined(monkeypatch):
     import torch.distributed as dist
 

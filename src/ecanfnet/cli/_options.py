@@ -68,7 +68,7 @@ port_number = int_in(1, 65535, "a TCP port between 1 and 65535")
 
 def image_side(text: str) -> int:
     """argparse type of --image-size: a side a checkpoint may record (metadata.MIN_IMAGE_SIDE..MAX_IMAGE_SIDE)."""
-    from .. import metadata  # here, not at the top: metadata imports torch; read at each call, not copied
+    from .. import metadata  # read at each call, not copied: the bounds are the checkpoint validator's
 
     return int_in(metadata.MIN_IMAGE_SIDE, metadata.MAX_IMAGE_SIDE)(text)
 

@@ -30,7 +30,7 @@ def torch_device(name: str) -> torch.device:
     """The torch.device for --device NAME; BackendError (one line) when this machine has no such device."""
     import torch
 
-    from ..inference import default_device
+    from ..distributed import default_device
     if name == "auto":
         return default_device()
     try:

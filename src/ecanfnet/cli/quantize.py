@@ -23,7 +23,7 @@ EXAMPLES = (
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the quantize parser."""
-    from ..quantize import DEFAULT_HOLDOUT, DEFAULT_MIN_AGREEMENT, DEFAULT_SAMPLES
+    from ..choices import DEFAULT_HOLDOUT, DEFAULT_MIN_AGREEMENT, DEFAULT_SAMPLES
 
     q = add_command(subparsers, "quantize",
                     help="INT8 post-training quantization (OpenVINO + NNCF) with an accuracy report",
