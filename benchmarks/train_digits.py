@@ -26,6 +26,7 @@ from ecanfnet import build_model
 from ecanfnet.training.agc import adaptive_clip_grad_
 from ecanfnet.training.config import TrainConfig
 from ecanfnet.training.loop import train
+from ecanfnet.training.state import training_dir
 
 
 def write_digits(root: Path, size: int = 64) -> int:
@@ -98,7 +99,7 @@ def main() -> None:
         start = time.perf_counter()
         out = train(cfg)
         wall = time.perf_counter() - start
-        with (out / "metrics.csv").open(newline="") as f:
+        with (training_dir(out) / "metrics.csv").open(newline="") as f:
             history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
     last, epochs = history[-1], len(history)
     trained = n * (1 - cfg.val_split) * epochs

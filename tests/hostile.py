@@ -48,6 +48,11 @@ HOSTILE_CONFIGS: list[tuple[str, str, dict]] = [
     ("input_size_strings", "pretrained_cfg.input_size", {"pretrained_cfg.input_size": [3, "224", "224"]}),
     ("input_size_bools", "pretrained_cfg.input_size", {"pretrained_cfg.input_size": [3, True, True]}),
     ("input_size_four_channels", "pretrained_cfg.input_size", {"pretrained_cfg.input_size": [4, 224, 224]}),
+    ("input_size_zero_channels", "pretrained_cfg.input_size", {"pretrained_cfg.input_size": [0, 224, 224]}),
+    ("input_size_too_many_channels", "pretrained_cfg.input_size", {"pretrained_cfg.input_size": [65, 224, 224],
+                                                                   "pretrained_cfg.test_input_size": [65, 288, 288]}),
+    ("input_size_channels_not_the_mean", "pretrained_cfg.mean", {"pretrained_cfg.input_size": [2, 224, 224],
+                                                                 "pretrained_cfg.test_input_size": [2, 288, 288]}),
     ("input_size_two_values", "pretrained_cfg.input_size", {"pretrained_cfg.input_size": [224, 224]}),
     ("input_size_scalar", "pretrained_cfg.input_size", {"pretrained_cfg.input_size": 224}),
     ("input_size_null", "pretrained_cfg.input_size", {"pretrained_cfg.input_size": None}),
@@ -59,14 +64,17 @@ HOSTILE_CONFIGS: list[tuple[str, str, dict]] = [
     ("crop_pct_string", "pretrained_cfg.crop_pct", {"pretrained_cfg.crop_pct": "0.9"}),
     ("test_crop_pct_zero", "pretrained_cfg.test_crop_pct", {"pretrained_cfg.test_crop_pct": 0}),
     ("test_crop_pct_infinite", "pretrained_cfg.test_crop_pct", {"pretrained_cfg.test_crop_pct": float("inf")}),
-    ("mean_one_value", "pretrained_cfg.mean", {"pretrained_cfg.mean": [0.5]}),
+    ("mean_two_values", "pretrained_cfg.mean", {"pretrained_cfg.mean": [0.5, 0.5]}),
     ("mean_four_values", "pretrained_cfg.mean", {"pretrained_cfg.mean": [0.5, 0.5, 0.5, 0.5]}),
+    ("mean_empty", "pretrained_cfg.mean", {"pretrained_cfg.mean": []}),
+    ("mean_huge_list", "pretrained_cfg.mean", {"pretrained_cfg.mean": [0.5] * 100_000}),
     ("mean_strings", "pretrained_cfg.mean", {"pretrained_cfg.mean": ["a", "b", "c"]}),
     ("mean_nan", "pretrained_cfg.mean", {"pretrained_cfg.mean": [float("nan"), 0.5, 0.5]}),
     ("mean_null", "pretrained_cfg.mean", {"pretrained_cfg.mean": None}),
     ("std_zero", "pretrained_cfg.std", {"pretrained_cfg.std": [0, 0.2, 0.2]}),
     ("std_negative", "pretrained_cfg.std", {"pretrained_cfg.std": [-0.2, 0.2, 0.2]}),
     ("std_infinite", "pretrained_cfg.std", {"pretrained_cfg.std": [float("inf"), 0.2, 0.2]}),
+    ("std_one_zero", "pretrained_cfg.std", {"pretrained_cfg.std": [0]}),
     ("interpolation_unknown", "pretrained_cfg.interpolation", {"pretrained_cfg.interpolation": "magic"}),
     ("interpolation_number", "pretrained_cfg.interpolation", {"pretrained_cfg.interpolation": 3}),
     ("interpolation_null", "pretrained_cfg.interpolation", {"pretrained_cfg.interpolation": None}),
@@ -77,6 +85,10 @@ HOSTILE_CONFIGS: list[tuple[str, str, dict]] = [
     ("architecture_number", "architecture", {"architecture": 42}),
     ("architecture_empty", "architecture", {"architecture": ""}),
     ("architecture_list", "architecture", {"architecture": ["eca_nfnet_l0"]}),
+    ("global_pool_unknown", "global_pool", {"global_pool": "median"}),
+    ("global_pool_empty", "global_pool", {"global_pool": ""}),
+    ("global_pool_list", "global_pool", {"global_pool": ["avg"]}),
+    ("model_args_global_pool_unknown", "model_args.global_pool", {"model_args": {"global_pool": "fastest"}}),
     ("pretrained_cfg_string", "pretrained_cfg", {"pretrained_cfg": "bicubic"}),
     ("pretrained_cfg_list", "pretrained_cfg", {"pretrained_cfg": [1, 2]}),
     ("pretrained_cfg_null", "pretrained_cfg", {"pretrained_cfg": None}),
@@ -183,7 +195,49 @@ def hostile_pickles(folder: Path) -> dict[str, Path]:
                                                       _use_new_zipfile_serialization=False))
     put("legacy_protocol4_runs_code", lambda p: torch.save({"a": _RunsCode(f"touch {marker}")}, p, pickle_protocol=4,
                                                            _use_new_zipfile_serialization=False))
+    # timm training checkpoints: their argparse.Namespace is allowed, but not what it holds
+    weights = {"a": torch.ones(2)}
+    put("timm_args_foreign_object", lambda p: timm_training_checkpoint(p, weights, args={"model": _Foreign()}))
+    put("timm_args_runs_code", lambda p: timm_training_checkpoint(p, weights, args={"opt": _RunsCode(f"touch {marker}")}))
+    put("timm_args_nested_runs_code", lambda p: timm_training_checkpoint(
+        p, weights, args={"model_kwargs": {"deep": [(_RunsCode(f"touch {marker}"),)]}}))
+    put("timm_metric_foreign_object", lambda p: timm_training_checkpoint(p, weights, metric=_Foreign()))
     return files
+
+
+def timm_training_checkpoint(path: Path, state_dict: dict, *, ema: dict | None = None, args: dict | None = None,
+                             metric: object = 81.25) -> Path:
+    """A file laid out as timm's CheckpointSaver writes model_best.pth.tar / checkpoint-N.pth.tar (timm 1.0.x):
+    epoch, arch, state_dict, optimizer, version, args (an argparse.Namespace of the command line), the AMP
+    scaler's state, metric, the saver's history and, with model EMA, state_dict_ema. `args` entries are added
+    to (or replace) a typical command line's."""
+    import argparse
+
+    import torch
+
+    command_line = {"model": "eca_nfnet_l0", "pretrained": True, "num_classes": 10, "img_size": None,
+                    "input_size": None, "mean": None, "std": None, "opt": "sgd", "lr": 0.1, "momentum": 0.9,
+                    "weight_decay": 2e-5, "sched": "cosine", "epochs": 3, "clip_grad": 0.015, "clip_mode": "agc",
+                    "smoothing": 0.1, "model_ema": ema is not None, "model_ema_decay": 0.9998,
+                    "scale": [0.08, 1.0], "ratio": [3 / 4, 4 / 3], "model_kwargs": {}, "device": "cpu",
+                    "world_size": 1, "rank": 0, "distributed": False, "output": "", "experiment": ""}
+    command_line.update(args or {})
+    params = list(state_dict.values())
+    optimizer = {"state": {i: {"momentum_buffer": torch.zeros_like(p)} for i, p in enumerate(params)},
+                 "param_groups": [{"lr": 0.1, "momentum": 0.9, "dampening": 0, "weight_decay": 2e-5, "nesterov": True,
+                                   "maximize": False, "foreach": None, "differentiable": False, "fused": None,
+                                   "initial_lr": 0.1, "params": list(range(len(params)))}]}
+    state = {"epoch": 2, "arch": command_line["model"], "optimizer": optimizer, "version": 2,
+             "args": argparse.Namespace(**command_line), "state_dict": state_dict,
+             "amp_scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                            "_growth_tracker": 0},
+             "metric": metric,
+             "saver": {"checkpoint_files": [("./checkpoint-2.pth.tar", metric)], "best_epoch": 2,
+                       "best_metric": metric, "pending": (2, metric)}}
+    if ema is not None:
+        state["state_dict_ema"] = ema
+    torch.save(state, path)
+    return path
 
 
 class _Foreign:
@@ -452,11 +506,11 @@ def oversized_headers(port: int, header_bytes: int) -> bytes:
         return _read_answer(sock, timeout=10)
 
 
-# --- training state: training/last.pt variants -----------------------------------------------------
+# --- training state: OUT.training/last.pt variants -----------------------------------------------------
 
 
 def hostile_training_states(folder: Path, valid: Path) -> dict[str, Path]:
-    """Files that must not pass for OUT/training/last.pt, built from a valid one: truncated, empty, random
+    """Files that must not pass for OUT.training/last.pt, built from a valid one: truncated, empty, random
     bytes, a state dict of another model, a dict of the wrong shape, and every pickle of hostile_pickles."""
     import torch
 

@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from hostile import small_model_folder, write_pngs
 from ecanfnet import create_model
-from ecanfnet.backends import export_onnx
+from ecanfnet.exports import export_onnx
 from ecanfnet.embed import embed_files
 from ecanfnet.fileio import write_csv_atomically
 

@@ -108,6 +108,9 @@ def test_everything_timm_writes_is_accepted(tmp_path, timm_l0):
      {"test_input_size": [3, 64, 64], "test_crop_pct": 0.875}),
     ({"label_names": {str(i): f"c{i}" for i in range(0, 1000, 2)}}, {"label_names": [
         f"c{i}" if i % 2 == 0 else str(i) for i in range(1000)]}),
+    # timm: one value stands for every channel; its "fast" pooling names are the same pooling
+    ({"pretrained_cfg.mean": [0.5], "pretrained_cfg.std": [0.25]}, {"mean": [0.5] * 3, "std": [0.25] * 3}),
+    ({"global_pool": "fast", "model_args": {"global_pool": "fastavg", "in_chans": 3}}, {}),
     ({"pretrained_cfg.pool_size": None, "pretrained_cfg.notes": ["x"], "pretrained_cfg.evil": {"a": [1] * 10},
       "extra_top_level": [[[]]], "model_args": {"in_chans": 3}}, {}),
 ])

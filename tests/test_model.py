@@ -150,3 +150,50 @@ def test_embedding_view_outputs_pooled_features_and_leaves_the_model_whole():
 
 def test_the_architecture_names_a_checkpoint_may_give_are_the_built_ones():
     assert tuple(CONFIGS) == ARCHITECTURES
+
+
+@pytest.mark.parametrize("pool, width", [("avg", 2304), ("max", 2304), ("avgmax", 2304), ("catavgmax", 4608)])
+def test_global_pool_widths_and_the_folded_model_pools_alike(pool, width):
+    from ecanfnet import prepare_for_inference
+
+    model = randomize_(build_model(num_classes=4, global_pool=pool), seed=6).eval()
+    assert model.num_features == 2304 and model.head_hidden_size == width and model.head.fc.in_features == width
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        pooled = model.forward_head(feats, pre_logits=True)
+        assert pooled.shape == (2, width)
+        avg, top = feats.mean(dim=(2, 3)), feats.amax(dim=(2, 3))
+        expect = {"avg": avg, "max": top, "avgmax": (avg + top) / 2, "catavgmax": torch.cat([avg, top], 1)}[pool]
+        assert torch.allclose(pooled, expect, rtol=1e-6, atol=1e-6)
+        assert_close_to_scale(prepare_for_inference(model, channels_last=False)(x), model(x))
+    assert embedding_view(model)(x).shape == (2, width)
+
+
+def test_reset_classifier_can_change_the_pooling():
+    model = build_model("eca_nfnet_l0")
+    model.reset_classifier(5, global_pool="catavgmax")
+    assert model.global_pool == "catavgmax" and model.head.fc.in_features == 4608 and model.head_hidden_size == 4608
+    model.reset_classifier(2)  # the pooling stays
+    assert model.head.fc.in_features == 4608
+    with pytest.raises(ValueError, match="global_pool must be one of avg, max, avgmax, catavgmax, got 'median'"):
+        model.reset_classifier(2, global_pool="median")
+    assert model.global_pool == "catavgmax" and model.num_classes == 2  # unchanged by the refused call
+
+
+@pytest.mark.parametrize("in_chans", [1, 4])
+def test_in_chans_builds_the_stem_for_that_many_channels(in_chans):
+    model = build_model("eca_nfnet_l0", num_classes=3, in_chans=in_chans).eval()
+    assert model.stem.conv1.weight.shape == (16, in_chans, 3, 3)
+    assert model.pretrained_cfg["input_size"] == [in_chans, 224, 224] and model.pretrained_cfg.in_chans == in_chans
+    with torch.no_grad():
+        assert model(torch.randn(1, in_chans, 64, 64)).shape == (1, 3)
+    assert sum(p.numel() for p in model.parameters()) == 24_143_924 - 1000 * 2304 - 1000 + 3 * 2305 + 16 * 9 * (in_chans - 3)
+
+
+@pytest.mark.parametrize("kwargs, words", [({"in_chans": 0}, "in_chans must be an integer from 1 to 64, got 0"),
+                                           ({"in_chans": 65}, "in_chans must be an integer from 1 to 64, got 65"),
+                                           ({"global_pool": "fast"}, "global_pool must be one of")])
+def test_bad_model_options_are_clear_errors(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        build_model("eca_nfnet_l0", **kwargs)

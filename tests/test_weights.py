@@ -154,3 +154,65 @@ def test_save_pretrained_rejects_wrong_label_count(tmp_path):
     with pytest.raises(ValueError, match="label_names has 2 entries but the model has 1000 classes"):
         save_pretrained(create_model(), tmp_path, label_names=["a", "b"])
     assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_timm_training_checkpoint_is_read_with_its_namespace_allowed_for_that_load_only(tmp_path, timm_l0):
+    import argparse
+
+    from hostile import timm_training_checkpoint
+
+    path = timm_training_checkpoint(tmp_path / "model_best.pth.tar", timm_l0.state_dict())
+    before = set(torch.serialization.get_safe_globals())  # a set in torch: its list's order is arbitrary
+    assert_same_logits(create_model(pretrained=path, num_classes=1000), logits_of(timm_l0))
+    assert set(torch.serialization.get_safe_globals()) == before
+    with pytest.raises(Exception, match="argparse.Namespace"):
+        torch.load(path, weights_only=True)  # outside our loader, torch's own allowlist is untouched
+    torch.serialization.add_safe_globals([argparse.Namespace])  # a caller's own allowance survives our load
+    try:
+        resolve_weights(path)
+        assert argparse.Namespace in torch.serialization.get_safe_globals()
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(list(before))
+
+
+@pytest.mark.parametrize("where", ["args", "metric"])
+def test_code_in_a_training_checkpoints_namespace_is_refused_without_running(tmp_path, where):
+    from hostile import _RunsCode, timm_training_checkpoint
+
+    marker = tmp_path / "pwned"
+    payload = {"args": {"opt": [{"x": _RunsCode(f"touch {marker}")}]}} if where == "args" else \
+        {"metric": _RunsCode(f"touch {marker}")}
+    path = timm_training_checkpoint(tmp_path / "checkpoint-1.pth.tar", {"w": torch.ones(2)}, **payload)
+    with pytest.raises(WeightsError) as info:
+        resolve_weights(path)
+    msg = str(info.value)
+    assert "\n" not in msg and "checkpoint-1.pth.tar: refused to load" in msg and "(posix.system)" in msg, msg
+    assert not marker.exists()
+
+
+def test_checkpoint_path_loads_after_building_and_is_strict(tmp_path, timm_hub_folder, timm_l0, ref_logits):
+    path = tmp_path / "w.pth"
+    torch.save(timm_l0.state_dict(), path)
+    model = create_model(checkpoint_path=path)
+    assert_same_logits(model, ref_logits)
+    assert model.pretrained_cfg == create_model().pretrained_cfg  # metadata as built, not the file's
+    with pytest.raises(WeightsError, match=r"shape mismatches .*head.fc.weight \(1000, 2304\) vs \(10, 2304\)"):
+        create_model(checkpoint_path=path, num_classes=10)
+    with pytest.raises(WeightsError, match=r"stem.conv1.weight \(16, 3, 3, 3\) vs \(16, 1, 3, 3\)"):
+        create_model(checkpoint_path=path, in_chans=1)
+    tuned = create_model(num_classes=4)
+    save_file({k: v.contiguous() for k, v in tuned.state_dict().items()}, tmp_path / "tuned.safetensors")
+    with pytest.warns(UserWarning, match="loaded the backbone only"):
+        model = create_model(pretrained=timm_hub_folder, num_classes=4, checkpoint_path=tmp_path / "tuned.safetensors")
+    assert all(torch.equal(v, tuned.state_dict()[k]) for k, v in model.state_dict().items())
+    assert model.pretrained_cfg["num_classes"] == 4
+
+
+def test_in_chans_and_global_pool_default_to_the_checkpoints(tmp_path):
+    gray = create_model(num_classes=2, in_chans=1, global_pool="max")
+    back = create_model(pretrained=save_pretrained(gray, tmp_path))
+    assert back.stem.conv1.in_channels == 1 and back.global_pool == "max" and back.pretrained_cfg.in_chans == 1
+    rgb = create_model(pretrained=tmp_path, in_chans=3)  # adapted back: the gray kernel repeated, divided by 3
+    assert torch.allclose(rgb.stem.conv1.weight, gray.stem.conv1.weight.repeat(1, 3, 1, 1) / 3)
+    assert rgb.pretrained_cfg["input_size"] == [3, 224, 224] and rgb.pretrained_cfg["mean"] == gray.pretrained_cfg["mean"] * 3

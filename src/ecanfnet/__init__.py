@@ -41,14 +41,17 @@ _EXPORTS = {
     "prepare_for_inference": "folded",
     "FoldedECANFNet": "folded",
     "make_runner": "backends",
-    "export_onnx": "backends",
-    "export_torchscript": "backends",
+    "export_onnx": "exports",
+    "export_torchscript": "exports",
+    "export_triton": "exports",
     "BackendError": "errors",
     "quantize_folder": "quantize",
     "load_int8_folder": "quantize",
     "QuantizeError": "errors",
     "QuantizedECANFNet": "quantize",
     "TrainingError": "errors",
+    "PublishError": "errors",
+    "push": "publish",
 }
 
 __all__ = ["__version__", *_EXPORTS]

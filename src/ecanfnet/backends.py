@@ -1,10 +1,15 @@
-"""Inference backends over the folded network: eager torch, torch.compile, ONNX Runtime, OpenVINO; and exports."""
+"""Inference backends over the folded network: eager torch, torch.compile, ONNX Runtime, OpenVINO.
+
+ONNX Runtime and OpenVINO run files converted once per set of weights and kept in the conversion cache
+(cache.py: bounded, safe across processes). Exports for other runtimes are in exports.py.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -12,13 +17,15 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
 
+from .cache import cache_dir, entry_lock, evict, max_bytes, touch
 from .choices import BACKENDS, OPENVINO_PRECISIONS  # noqa: F401 (BACKENDS: re-exported)
 from .errors import BackendError
+from .exports import ONNX_OPSET, export_metadata, export_onnx
 from .fileio import write_atomically
 from .folded import PRECISIONS, FoldedECANFNet, prepare_for_inference
 from .model import ECANFNet
@@ -28,7 +35,6 @@ if TYPE_CHECKING:
     import openvino
 
 FASTEST = "fastest"  # a precision request: the quickest this model runs at here (fastest_precision)
-ONNX_OPSET = 17
 
 logger = logging.getLogger("ecanfnet")
 
@@ -206,9 +212,31 @@ def _compile(folded: FoldedECANFNet) -> Callable:
 
 
 def _onnxruntime_fn(model: ECANFNet) -> Callable[[torch.Tensor], torch.Tensor]:
+    session = _onnxruntime_session(model)
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        (logits,) = session.run(None, {"images": batch.float().contiguous().numpy()})
+        return torch.from_numpy(logits)
+    return run
+
+
+def _onnxruntime_session(model: ECANFNet):
+    """An ONNX Runtime session of the cached export (one exported into a temp folder where the cache cannot be written)."""
+    try:
+        with _onnx_entry(model) as path:
+            return _ort_session(path)
+    except OSError as exc:  # a read-only or full cache: run uncached rather than fail
+        logger.warning("cannot cache the ONNX export in %s (%s); exporting on every run", cache_dir() / "onnx",
+                       exc.strerror or exc)
+    with tempfile.TemporaryDirectory(prefix="ecanfnet-onnx-") as folder:
+        path = Path(folder) / "model.onnx"
+        export_onnx(model, path, check=False)
+        return _ort_session(path)
+
+
+def _ort_session(path: Path):
     import onnxruntime as ort
 
-    path = cached_onnx_export(model)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.inter_op_num_threads = 1
@@ -218,12 +246,7 @@ def _onnxruntime_fn(model: ECANFNet) -> Callable[[torch.Tensor], torch.Tensor]:
     # Idle ORT threads sleep instead of spinning, leaving the cores to image decoding and the server:
     # serve load test 0.78x -> 0.88x of model-only throughput, model-only speed unchanged within noise.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def run(batch: torch.Tensor) -> torch.Tensor:
-        (logits,) = session.run(None, {"images": batch.float().contiguous().numpy()})
-        return torch.from_numpy(logits)
-    return run
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def openvino_threads() -> int:
@@ -310,26 +333,52 @@ def _compile_checked(ov_model: "openvino.Model", want: str) -> "openvino.Compile
     return compiled
 
 
-def cache_dir() -> Path:
-    """Where ONNX exports and OpenVINO models are kept ($ECANFNET_CACHE, else $XDG_CACHE_HOME/ecanfnet)."""
-    root = os.environ.get("ECANFNET_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ecanfnet"
-    return Path(root)
+def _cache_identity(model: ECANFNet) -> tuple[str, dict[str, str]]:
+    """The cache-file stem of model (name, weights fingerprint, digest of its export metadata) and that metadata."""
+    fingerprint = weights_fingerprint(model)
+    metadata = export_metadata(model, fingerprint=fingerprint)
+    digest = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{model.name}-{fingerprint}-{digest}", metadata
+
+
+def onnx_cache_path(model: ECANFNet) -> Path:
+    """The folded network's ONNX file in cache_dir() (per weights, labels, preprocessing and ecanfnet version)."""
+    return _onnx_path(_cache_identity(model)[0])
+
+
+def _onnx_path(stem: str) -> Path:
+    return cache_dir() / "onnx" / f"{stem}-opset{ONNX_OPSET}.onnx"
 
 
 def cached_onnx_export(model: ECANFNet) -> Path:
-    """The folded network's ONNX file, exported once per set of weights into cache_dir()."""
-    path = cache_dir() / "onnx" / f"{model.name}-{weights_fingerprint(model)}-opset{ONNX_OPSET}.onnx"
-    if not path.is_file():
-        export_onnx(model, path, check=False)
-    return path
+    """The folded network's self-describing ONNX file, exported once per set of weights and metadata into cache_dir()."""
+    with _onnx_entry(model) as path:
+        return path
+
+
+@contextlib.contextmanager
+def _onnx_entry(model: ECANFNet) -> Iterator[Path]:
+    """The cached ONNX file of model, exported first when missing, locked while the caller reads it; evicts after."""
+    limit, (stem, metadata) = max_bytes(), _cache_identity(model)  # a bad $ECANFNET_CACHE_MAX_BYTES fails first
+    path = _onnx_path(stem)
+    with entry_lock(path):
+        if path.is_file():
+            touch(path)
+        else:
+            export_onnx(model, path, check=False, metadata=metadata)
+        yield path
+    evict(keep=[path], limit=limit)
 
 
 def openvino_cache_path(model: ECANFNet) -> Path:
     """The .xml of the folded network's OpenVINO IR in cache_dir() (its weights: the .bin beside it)."""
+    return _openvino_path(_cache_identity(model)[0])
+
+
+def _openvino_path(stem: str) -> Path:
     import openvino as ov
 
-    version = ov.get_version().split("-")[0]
-    return cache_dir() / "openvino" / f"{model.name}-{weights_fingerprint(model)}-ov{version}.xml"
+    return cache_dir() / "openvino" / f"{stem}-ov{ov.get_version().split('-')[0]}.xml"
 
 
 def ir_sha256(xml: Path) -> str:
@@ -348,33 +397,22 @@ def cached_openvino_model(model: ECANFNet) -> openvino.Model:
     The IR is two files (.xml, .bin) sealed by a third (.sha256) written last; a missing or failed
     seal (an interrupted or damaged cache entry) makes it convert and write them again.
     """
-    xml = openvino_cache_path(model)
-    with _cache_lock(xml):  # another process converting the same weights finishes first; then its entry is read
-        return _read_or_convert(model, xml)
+    limit, (stem, metadata) = max_bytes(), _cache_identity(model)
+    xml = _openvino_path(stem)
+    with entry_lock(xml):  # another process converting the same weights finishes first; then its entry is read
+        ov_model = _read_or_convert(model, xml, metadata)
+    evict(keep=[xml], limit=limit)
+    return ov_model
 
 
-@contextlib.contextmanager
-def _cache_lock(xml: Path):
-    """An exclusive lock on the cache entry of xml across processes (none where the cache cannot be written)."""
-    import fcntl
-
-    try:
-        xml.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(xml.with_suffix(".lock"), "a")
-    except OSError:
-        yield
-        return
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
-def _read_or_convert(model: ECANFNet, xml: Path) -> openvino.Model:
+def _read_or_convert(model: ECANFNet, xml: Path, metadata: Mapping[str, str]) -> openvino.Model:
     """The sealed cached IR at xml when intact, else a fresh conversion written there (see cached_openvino_model)."""
     seal = xml.with_suffix(".sha256")
     try:
         if seal.read_text(errors="replace").strip() == ir_sha256(xml):
-            return openvino_core().read_model(str(xml))
+            ov_model = openvino_core().read_model(str(xml))
+            touch(xml)
+            return ov_model
         logger.warning("cached OpenVINO model %s does not match its checksum; converting it again", xml)
     except (FileNotFoundError, NotADirectoryError):  # not cached yet
         pass
@@ -382,7 +420,7 @@ def _read_or_convert(model: ECANFNet, xml: Path) -> openvino.Model:
         lines = [line for line in str(exc).splitlines() if line.strip()]  # OpenVINO's reason is its last line
         logger.warning("cached OpenVINO model %s cannot be read (%s); converting it again", xml,
                        lines[-1].strip() if lines else type(exc).__name__)
-    ov_model = convert_openvino(model)
+    ov_model = convert_openvino(model, metadata=metadata)
     try:
         save_openvino(ov_model, xml)
         write_atomically(seal, lambda tmp: Path(tmp).write_text(ir_sha256(xml) + "\n"))
@@ -395,8 +433,12 @@ def _read_or_convert(model: ECANFNet, xml: Path) -> openvino.Model:
     return openvino_core().read_model(str(xml))
 
 
-def convert_openvino(model: ECANFNet) -> openvino.Model:
-    """The folded fp32 CPU network converted to OpenVINO, with dynamic batch, height and width."""
+def convert_openvino(model: ECANFNet, *, metadata: Mapping[str, str] | None = None) -> openvino.Model:
+    """The folded fp32 CPU network converted to OpenVINO, with dynamic batch, height and width.
+
+    It carries metadata (default: exports.export_metadata(model)) in its rt_info under "ecanfnet", which
+    save_openvino writes into the .xml (read back with model.get_rt_info(["ecanfnet", KEY]).astype(str)).
+    """
     import openvino as ov
 
     folded = prepare_for_inference(model, "fp32", channels_last=False, device="cpu")
@@ -407,6 +449,8 @@ def convert_openvino(model: ECANFNet) -> openvino.Model:
         ov_model = ov.convert_model(folded, example_input=example, input=[ov.PartialShape([-1, channels, -1, -1])])
     ov_model.inputs[0].get_tensor().set_names({"images"})
     ov_model.outputs[0].get_tensor().set_names({"logits"})
+    for key, value in (export_metadata(model) if metadata is None else metadata).items():
+        ov_model.set_rt_info(value, ["ecanfnet", key])
     return ov_model
 
 
@@ -425,52 +469,3 @@ def save_openvino(ov_model: openvino.Model, xml: Path) -> None:
             write_atomically(dst, lambda tmp, src=src: os.replace(src, tmp))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def _export_inputs(model: ECANFNet, image_size: int | tuple[int, int]) -> tuple[FoldedECANFNet, torch.Tensor]:
-    """The folded fp32 CPU network an export writes, and the fixed batch (S x S or H x W) it is traced on."""
-    folded = prepare_for_inference(model, "fp32", channels_last=False, device="cpu")
-    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-    return folded, torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
-
-
-def export_onnx(model: ECANFNet, out: str | os.PathLike, image_size: int | tuple[int, int] = 288,
-                check: bool = True) -> float | None:
-    """Write the folded fp32 network as ONNX (dynamic batch and size); with check, return the max relative logit error in ORT."""
-    folded, example = _export_inputs(model, image_size)
-
-    def write(tmp: str) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(folded, (example,), tmp, dynamo=False, opset_version=ONNX_OPSET,
-                              input_names=["images"], output_names=["logits"],
-                              dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}})
-    write_atomically(out, write)
-    if not check:
-        return None
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {"images": example.numpy()})
-    return _max_error(folded, example, torch.from_numpy(got))
-
-
-def export_torchscript(model: ECANFNet, out: str | os.PathLike, image_size: int | tuple[int, int] = 288) -> float:
-    """Write the folded network as traced TorchScript; return the reloaded file's max relative logit error."""
-    folded, example = _export_inputs(model, image_size)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(folded, example)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export; it still works
-        write_atomically(out, lambda tmp: torch.jit.save(traced, tmp))
-        loaded = torch.jit.load(str(out), map_location="cpu")
-    with torch.no_grad():
-        return _max_error(folded, example, loaded(example))
-
-
-def _max_error(folded: FoldedECANFNet, example: torch.Tensor, got: torch.Tensor) -> float:
-    """Largest logit difference relative to the largest logit magnitude."""
-    with torch.no_grad():
-        want = folded(example)
-    return float((want - got).abs().max() / want.abs().max().clamp_min(1e-12))

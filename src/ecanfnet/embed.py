@@ -195,7 +195,7 @@ def embed_files(paths: list[str], output: str | Path, *, weights: WeightsSource 
             say(f"{printable(out.vectors)} is complete for these files and weights; nothing to do", ctx.rank)
             return EmbedSummary(out.vectors, manifest["count"], manifest["dim"], manifest["errors"], rank=ctx.rank)
         runner = make_runner(net, backend, precision, ctx.device, compile_batch=batch_size)
-        embedder = _Embedder(runner, eval_transform(net.pretrained_cfg), net.num_features, normalize=normalize,
+        embedder = _Embedder(runner, eval_transform(net.pretrained_cfg), net.head_hidden_size, normalize=normalize,
                              batch_size=batch_size, workers=workers, max_pixels=max_pixels, decode=decode)
         return _embed_and_merge(out, plan, embedder, ctx, progress=progress)
 
@@ -256,7 +256,7 @@ def _plan(paths: list[str], net: ECANFNet, normalize: bool, shard_size: int, wei
         "architecture": net.name,
         "weights": _recorded_source(weights),
         "weights_fingerprint": weights_fingerprint(net),
-        "dim": net.num_features,
+        "dim": net.head_hidden_size,
         "normalize": normalize,
         "pretrained_cfg": {k: net.pretrained_cfg.get(k) for k in
                            ("test_input_size", "input_size", "test_crop_pct", "crop_pct", "interpolation", "mean", "std")},

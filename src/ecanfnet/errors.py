@@ -35,3 +35,7 @@ class QuantizeRefused(QuantizeError):
     def __init__(self, message: str, report: dict) -> None:
         super().__init__(message)
         self.report = report
+
+
+class PublishError(RuntimeError):
+    """A folder that cannot be published, or a push that cannot start or failed; one line naming the file or why."""

@@ -9,12 +9,14 @@ import torch
 
 from .errors import WeightsError
 from .model import ECANFNet, ECANFNetFeatures, build_model
-from .weights import HUB_PREFIXES, WeightsSource, default_weights_source, load_checkpoint, resolve_weights
+from .weights import (HUB_PREFIXES, WeightsSource, adapt_checkpoint_input, default_weights_source, load_checkpoint,
+                      resolve_weights)
 
 
 def create_model(name: str | None = None, pretrained: bool | WeightsSource = False,
                  num_classes: int | None = None, *, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, features_only: bool = False,
+                 drop_path_rate: float = 0.0, in_chans: int | None = None, global_pool: str | None = None,
+                 checkpoint_path: WeightsSource | None = None, features_only: bool = False,
                  out_indices: tuple[int, ...] = (0, 1, 2, 3, 4), int8_ok: bool = False) -> ECANFNet | ECANFNetFeatures:
     """Build an ECA-NFNet, optionally with weights; metadata and labels travel with the checkpoint.
 
@@ -22,14 +24,31 @@ def create_model(name: str | None = None, pretrained: bool | WeightsSource = Fal
     pretrained: False, True (the published hub checkpoint) or any weights source.
     num_classes: default the checkpoint's (1000 without one); another value keeps the
     backbone and gives a freshly initialised classifier.
+    in_chans: input channels (default the checkpoint's, else 3); pretrained weights of another count get
+    their first conv adapted as timm does (summed over RGB for 1, else repeated and rescaled).
+    global_pool: the head's pooling, one of metadata.GLOBAL_POOLS (default the checkpoint's, else "avg").
+    checkpoint_path: weights loaded after the model is built (and after pretrained ones), as timm's
+    create_model does: every tensor must fit the model as built, classifier and first conv included.
     features_only: return the multi-scale trunk (ECANFNetFeatures) with maps out_indices (0..4).
     int8_ok: a caller that only runs the model (predict, evaluate, embed, serve) also takes an INT8 model
     folder (written by `ecanfnet quantize`), as a quantize.QuantizedECANFNet; elsewhere it is refused.
     """
     int8 = _int8_folder_or_none(pretrained)
     if int8 is not None:
+        rebuilt = [k for k, v in (("in_chans", in_chans), ("global_pool", global_pool),
+                                  ("checkpoint_path", checkpoint_path)) if v is not None]
+        if rebuilt:
+            raise WeightsError(f"{int8}: an INT8 model folder is run as quantized; {', '.join(rebuilt)} cannot "
+                               f"change it (build from the fp32 checkpoint it was quantized from)")
         return _load_int8(int8, name, num_classes, features_only, int8_ok)
-    model = _create_classifier(name, pretrained, num_classes, drop_rate, drop_path_rate)
+    options = {"drop_rate": drop_rate, "drop_path_rate": drop_path_rate, "in_chans": in_chans,
+               "global_pool": global_pool}
+    if checkpoint_path is not None and pretrained in (False, None):
+        model = _create_for_checkpoint(name, num_classes, options)
+    else:
+        model = _create_classifier(name, pretrained, num_classes, options)
+    if checkpoint_path is not None:
+        load_checkpoint(model, resolve_weights(checkpoint_path), strict=True)
     return ECANFNetFeatures(model, out_indices) if features_only else model
 
 
@@ -59,11 +78,23 @@ def _load_int8(folder: Path, name: str | None, num_classes: int | None, features
     return model
 
 
+def _build(name: str, num_classes: int, options: dict) -> ECANFNet:
+    """build_model with create_model's options (in_chans 3 and global_pool avg where they are None)."""
+    in_chans, pool = options["in_chans"], options["global_pool"]
+    return build_model(name, num_classes, options["drop_rate"], options["drop_path_rate"],
+                       in_chans=3 if in_chans is None else in_chans, global_pool="avg" if pool is None else pool)
+
+
+def _create_for_checkpoint(name: str | None, num_classes: int | None, options: dict) -> ECANFNet:
+    """The model a checkpoint_path fills completely, built on the meta device (no random init to overwrite)."""
+    with torch.device("meta"):
+        return _build(name or "eca_nfnet_l0", 1000 if num_classes is None else num_classes, options)
+
+
 def _create_classifier(name: str | None, pretrained: bool | WeightsSource, num_classes: int | None,
-                       drop_rate: float, drop_path_rate: float) -> ECANFNet:
+                       options: dict) -> ECANFNet:
     if pretrained is False or pretrained is None:
-        return build_model(name or "eca_nfnet_l0", 1000 if num_classes is None else num_classes,
-                           drop_rate, drop_path_rate)
+        return _build(name or "eca_nfnet_l0", 1000 if num_classes is None else num_classes, options)
     source = default_weights_source(name or "eca_nfnet_l0") if pretrained is True else pretrained
     ckpt = resolve_weights(source)
     arch = ckpt.architecture
@@ -71,11 +102,13 @@ def _create_classifier(name: str | None, pretrained: bool | WeightsSource, num_c
         raise WeightsError(f"{ckpt.source}: the checkpoint is {arch}, not the requested {name}")
     if num_classes is None:
         num_classes = ckpt.num_classes if ckpt.num_classes is not None else 1000
+    in_chans = options["in_chans"] if options["in_chans"] is not None else (ckpt.in_chans or 3)
     # Built on the meta device: random init of 24M weights that are overwritten anyway is skipped.
     with torch.device("meta"):
-        model = build_model(name or arch or "eca_nfnet_l0", num_classes, drop_rate, drop_path_rate)
-    meta = ckpt.pretrained_cfg
+        model = _build(name or arch or "eca_nfnet_l0", num_classes,
+                       {**options, "in_chans": in_chans, "global_pool": options["global_pool"] or ckpt.global_pool})
+    meta = ckpt.pretrained_cfg.with_in_chans(in_chans)
     # The labels belong to the checkpoint's classifier: a model with another one gets none.
     model.pretrained_cfg = meta if meta.num_classes == model.num_classes else meta.with_classes(model.num_classes)
-    load_checkpoint(model, ckpt)
+    load_checkpoint(model, adapt_checkpoint_input(ckpt, in_chans))
     return model

@@ -145,3 +145,28 @@ def write_json_atomically(target: str | os.PathLike, data: Any) -> Path:
     """Write data as indented UTF-8 JSON, atomically (undecodable path bytes kept via surrogateescape)."""
     text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     return write_atomically(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", errors="surrogateescape"))
+
+
+def move_folder_into_place(staging: Path, folder: Path, *, replaceable: Callable[[Path], str | None] = lambda _: None) -> None:
+    """Rename the complete staging folder to folder; an earlier folder there is set aside first, removed after.
+
+    replaceable(folder) gives the reason an existing folder must not be replaced (None: it may be), checked
+    at the last moment, so a folder that appeared meanwhile is not lost either.
+    """
+    import shutil
+
+    if not os.path.lexists(folder):
+        os.rename(staging, folder)
+        return
+    reason = replaceable(folder)
+    if reason is not None:
+        raise FileExistsError(errno.EEXIST, reason, str(folder))
+    old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
+    os.rename(folder, old / "previous")
+    try:
+        os.rename(staging, folder)
+    except OSError:
+        os.rename(old / "previous", folder)  # put the earlier one back
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)

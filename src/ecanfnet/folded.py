@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .choices import FLOAT_PRECISIONS
-from .model import ECANFNet, NFBlock, ScaledStdConv2d
+from .model import ECANFNet, NFBlock, ScaledStdConv2d, global_pool_2d
 
 PRECISIONS = dict(zip(FLOAT_PRECISIONS, (torch.float32, torch.bfloat16, torch.float16)))
 
@@ -71,6 +71,8 @@ class FoldedECANFNet(nn.Module):
         self.name = model.name
         self.num_classes = model.num_classes
         self.num_features = model.num_features
+        self.global_pool = model.global_pool
+        self.head_hidden_size = model.head_hidden_size
         self.pretrained_cfg = model.pretrained_cfg
         stem = model.stem
         self.stem = nn.ModuleList([plain_conv(c) for c in (stem.conv1, stem.conv2, stem.conv3, stem.conv4)])
@@ -98,7 +100,7 @@ class FoldedECANFNet(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Feature map -> logits, or the pooled embedding when pre_logits is True."""
-        x = x.mean(dim=(2, 3))
+        x = global_pool_2d(x, self.global_pool)
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

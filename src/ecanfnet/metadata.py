@@ -1,8 +1,9 @@
 """Checkpoint metadata: a typed, frozen :class:`PretrainedCfg`, checked where it enters (nothing in it is trusted).
 
 :func:`validate_config` turns an untrusted hub ``config.json`` into a cleaned copy holding only the
-fields the package uses, each checked (image sizes in a bounded range, crop_pct, 3-value mean/std, a
-known interpolation and crop mode, a known architecture, label lists matching the classifier), or
+fields the package uses, each checked (image sizes [C, H, W] in a bounded range, crop_pct, mean/std of one
+value or one per channel, a known interpolation, crop mode, global pool and architecture, label lists
+matching the classifier), or
 raises one ``WeightsError`` line naming the file, the field and the reason. Unknown fields are ignored.
 :class:`PretrainedCfg` is what a model carries: built from such a config (or timm's pretrained_cfg
 dict), it re-checks every value it is given, reads like timm's ``pretrained_cfg`` dict, knows its
@@ -27,6 +28,10 @@ MAX_CONFIG_BYTES = 16 * 2**20
 # Image sides a checkpoint may ask for (timm's pretrained configs span 96..1024). With MIN_CROP_PCT and
 # transforms.MAX_RESIZE_AREA_FACTOR this bounds the resize before the crop to 64 MiB an image.
 MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 16, 1024
+# Input channels a model may take (3: RGB; 1: grayscale; more: multispectral), first value of input_size.
+MAX_IN_CHANS = 64
+# Global pooling of the classifier head, as timm names them (catavgmax concatenates avg and max: twice as wide).
+GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax")
 # Lower bound so the resize before the crop (side / crop_pct) stays within 2 * MAX_IMAGE_SIDE.
 MIN_CROP_PCT = 0.5
 MAX_LABEL_CHARS = 1000
@@ -86,6 +91,9 @@ def _clean_config(config: dict[str, Any], width: int | None) -> dict[str, Any]:
     pretrained_cfg = _clean_pretrained_cfg(raw, prefix)
     if pretrained_cfg or "pretrained_cfg" in config:
         out["pretrained_cfg"] = pretrained_cfg
+    pool = _global_pool(config)
+    if pool is not None:
+        out["global_pool"] = pool
     width = _class_count(out, width)
     for key in _LABEL_KEYS:
         name, value = (key, config[key]) if key in config else (prefix + key, raw.get(key))
@@ -101,6 +109,25 @@ def _class_count(clean: Mapping[str, Any], weights_width: int | None) -> int | N
             return width
     names = clean.get("label_names") or (clean.get("pretrained_cfg") or {}).get("label_names")
     return len(names) if names else None
+
+
+def _global_pool(config: dict[str, Any]) -> str | None:
+    """The head's pooling: model_args.global_pool (what timm builds with), else the top-level one; both checked."""
+    args = config.get("model_args")
+    top = _pool_name(config["global_pool"], "global_pool") if config.get("global_pool") is not None else None
+    if isinstance(args, dict) and args.get("global_pool") is not None:
+        return _pool_name(args["global_pool"], "model_args.global_pool")
+    return top
+
+
+def _pool_name(value: Any, field: str) -> str:
+    """A GLOBAL_POOLS name; timm's 'fast' spellings of the same pooling ("fast", "fastavgmax", ...) included."""
+    name = value.lower() if isinstance(value, str) else None
+    if name is not None and name.startswith("fast"):
+        name = name[len("fast"):] or "avg"
+    if name not in GLOBAL_POOLS:
+        raise _Invalid(field, f"must be one of {', '.join(GLOBAL_POOLS)}, got {short_repr(value)}")
+    return name
 
 
 def _architecture(value: Any) -> str:
@@ -130,7 +157,8 @@ def _clean_pretrained_cfg(raw: dict[str, Any], prefix: str) -> dict[str, Any]:
         out["crop_mode"] = _choice(raw["crop_mode"], prefix + "crop_mode", CROP_MODES)
     for key in ("mean", "std"):
         if key in raw:
-            out[key] = _triple(raw[key], prefix + key, positive=key == "std")
+            out[key] = _per_channel(raw[key], prefix + key, positive=key == "std")
+    _check_channels(out, prefix)
     if raw.get("num_classes") is not None:
         out["num_classes"] = _integer(raw["num_classes"], prefix + "num_classes", 0, MAX_CLASSES)
     out.update(_informational(raw))
@@ -163,12 +191,12 @@ def _integer(value: Any, field: str, low: int, high: int) -> int:
 
 
 def _input_size(value: Any, field: str) -> list[int]:
-    ok = (isinstance(value, (list, tuple)) and len(value) == 3 and _is_int(value[0]) and value[0] == 3
-          and all(_is_int(v) and MIN_IMAGE_SIDE <= v <= MAX_IMAGE_SIDE for v in value[1:]))
+    ok = (isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_int(v) for v in value)
+          and 1 <= value[0] <= MAX_IN_CHANS and all(MIN_IMAGE_SIDE <= v <= MAX_IMAGE_SIDE for v in value[1:]))
     if not ok:
-        raise _Invalid(field, f"must be [3, H, W] with H and W integers from {MIN_IMAGE_SIDE} to {MAX_IMAGE_SIDE}, "
-                              f"got {short_repr(value)}")
-    return [3, value[1], value[2]]
+        raise _Invalid(field, f"must be [C, H, W] with C from 1 to {MAX_IN_CHANS} (input channels) and H and W "
+                              f"integers from {MIN_IMAGE_SIDE} to {MAX_IMAGE_SIDE}, got {short_repr(value)}")
+    return [value[0], value[1], value[2]]
 
 
 def _crop_pct(value: Any, field: str) -> float:
@@ -183,12 +211,38 @@ def _choice(value: Any, field: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def _triple(value: Any, field: str, positive: bool) -> list[float]:
-    ok = isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_number(v) for v in value)
+def _per_channel(value: Any, field: str, positive: bool) -> list[float]:
+    ok = (isinstance(value, (list, tuple)) and 1 <= len(value) <= MAX_IN_CHANS and all(_is_number(v) for v in value))
     if not ok or (positive and min(value) <= 0):
         kind = "positive finite numbers" if positive else "finite numbers"
-        raise _Invalid(field, f"must be 3 {kind} (one per RGB channel), got {short_repr(value)}")
+        raise _Invalid(field, f"must be {kind}, one per input channel (3 for RGB) or one for all, "
+                              f"got {short_repr(value)}")
     return [float(v) for v in value]
+
+
+def _check_channels(values: Mapping[str, Any], prefix: str) -> None:
+    """The image sizes given name one channel count C, and mean and std hold one value or C (timm's rule)."""
+    sizes = [k for k in ("input_size", "test_input_size", "min_input_size") if values.get(k) is not None]
+    if not sizes:
+        return
+    first, channels = sizes[0], values[sizes[0]][0]
+    for key in sizes[1:]:
+        if values[key][0] != channels:
+            raise _Invalid(prefix + first, f"has C={channels} but {prefix}{key} has C={values[key][0]}; the "
+                                           f"channel counts must match")
+    for key in ("mean", "std"):
+        if values.get(key) is not None and len(values[key]) not in (1, channels):
+            raise _Invalid(prefix + key, f"has {len(values[key])} values but {prefix}{first} has C={channels}; "
+                                         f"give one value per channel, or one for all")
+
+
+def adapted_to_channels(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
+    """mean or std, one value per channel: kept when it has one per channel, else one value (or, as timm resolves
+    a mismatch, their average) for every channel."""
+    values = tuple(values)
+    if len(values) == channels:
+        return values
+    return (values[0] if len(set(values)) == 1 else sum(values) / len(values),) * channels
 
 
 def _label_text(value: Any, field: str) -> str:
@@ -253,8 +307,8 @@ class PretrainedCfg(Mapping):
     crop_pct: float = 0.9
     test_crop_pct: float | None = 1.0
     crop_mode: str = "center"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN  # one per input channel (a single value given is spread over them)
+    std: tuple[float, ...] = IMAGENET_STD
     num_classes: int = 1000
     min_input_size: tuple[int, int, int] | None = None
     label_names: tuple[str, ...] | None = field(default=None, repr=False)
@@ -296,6 +350,9 @@ class PretrainedCfg(Mapping):
         if isinstance(values, PretrainedCfg):
             return values
         clean = _clean_pretrained_cfg(dict(values), "")
+        channels = next((clean[k][0] for k in ("input_size", "test_input_size", "min_input_size") if k in clean), 3)
+        for key, default in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+            clean.setdefault(key, adapted_to_channels(default, channels))
         known = {f.name for f in dataclasses.fields(cls)}
         typed = {k: v for k, v in clean.items() if k in known}
         info = {**_DEFAULT_INFO, **{k: v for k, v in clean.items() if k not in known}}
@@ -309,14 +366,39 @@ class PretrainedCfg(Mapping):
         """The metadata of a new classifier of num_classes: the labels, which were the old classifier's, are dropped."""
         return self.replace(num_classes=num_classes, label_names=None, label_descriptions=None)
 
+    @property
+    def in_chans(self) -> int:
+        """Input channels the model takes (the first value of input_size; 3 for RGB)."""
+        return self.input_size[0]
+
+    def with_in_chans(self, in_chans: int) -> PretrainedCfg:
+        """The metadata of the same model taking in_chans input channels: sizes [in_chans, H, W], mean/std adapted.
+
+        mean and std are kept when they hold one value per channel, else replaced by their average (as timm resolves
+        them, e.g. 0.449 / 0.226 for one channel).
+        """
+        if in_chans == self.in_chans:
+            return self
+        sizes = {k: None if getattr(self, k) is None else (in_chans, *getattr(self, k)[1:])
+                 for k in ("input_size", "test_input_size", "min_input_size")}
+        return self.replace(**sizes, mean=adapted_to_channels(self.mean, in_chans),
+                            std=adapted_to_channels(self.std, in_chans))
+
     def as_trained_at(self, image_size: int) -> PretrainedCfg:
         """The test-time settings of a model trained at image_size: that size, the whole image (no centre crop)."""
-        size = (3, image_size, image_size)
+        size = (self.in_chans, image_size, image_size)
         return self.replace(input_size=size, test_input_size=size, crop_pct=1.0, test_crop_pct=1.0)
 
     # -- what callers need from it
     def eval_settings(self) -> dict[str, Any]:
-        """Test-time preprocessing (test_input_size/test_crop_pct when given); image_size is (height, width)."""
+        """Test-time RGB preprocessing (test_input_size/test_crop_pct when given); image_size is (height, width).
+
+        WeightsError for a model of other than 3 input channels: the image pipeline reads RGB only.
+        """
+        if self.in_chans != 3:
+            raise WeightsError(f"the model takes {self.in_chans}-channel input (input_size {list(self.input_size)}); "
+                               f"predict, evaluate, embed, serve and export preprocess RGB images only: feed such "
+                               f"a model tensors of your own (model(x) with x of shape (B, {self.in_chans}, H, W))")
         size = self.test_input_size or self.input_size
         return {
             "image_size": (size[1], size[2]),
@@ -331,15 +413,21 @@ class PretrainedCfg(Mapping):
         """One readable label per class: the checkpoint's (WordNet ids shown as words), ImageNet's, or the indices."""
         return label_names_for(self, self.num_classes)
 
-    def to_config(self, *, architecture: str, num_features: int) -> dict[str, Any]:
-        """The hub ``config.json`` (timm's layout): architecture, classes, pretrained_cfg and labels."""
+    def to_config(self, *, architecture: str, num_features: int, global_pool: str = "avg") -> dict[str, Any]:
+        """The hub ``config.json`` (timm's layout): architecture, classes, pretrained_cfg and labels.
+
+        A model other than timm's default (in_chans 3, global_pool avg) also gets the model_args timm rebuilds it by.
+        """
+        pool = _pool_name(global_pool, "global_pool")
         config: dict[str, Any] = {
             "architecture": architecture,
             "num_classes": self.num_classes,
             "num_features": num_features,
-            "global_pool": "avg",
+            "global_pool": pool,
             "pretrained_cfg": {k: v for k, v in self.items() if k not in _LABEL_KEYS},
         }
+        if self.in_chans != 3 or pool != "avg":
+            config["model_args"] = {"in_chans": self.in_chans, "global_pool": pool}
         config.update({k: self[k] for k in _LABEL_KEYS if k in self})
         return config
 
@@ -412,12 +500,15 @@ def _checked_fields(cfg: PretrainedCfg) -> dict[str, Any]:
     out.update({
         "interpolation": _choice(cfg.interpolation, "interpolation", INTERPOLATIONS),
         "crop_mode": _choice(cfg.crop_mode, "crop_mode", CROP_MODES),
-        "mean": tuple(_triple(cfg.mean, "mean", positive=False)),
-        "std": tuple(_triple(cfg.std, "std", positive=True)),
+        "mean": tuple(_per_channel(cfg.mean, "mean", positive=False)),
+        "std": tuple(_per_channel(cfg.std, "std", positive=True)),
         "label_names": None if not cfg.label_names else tuple(_labels(cfg.label_names, "label_names", n)),
         "label_descriptions": _frozen_descriptions(cfg.label_descriptions, n),
         "info": MappingProxyType(_checked_info(cfg.info)),
     })
+    _check_channels(out, "")
+    # one value stands for every channel (timm); stored spread, so every reader gets one per channel
+    out["mean"], out["std"] = (adapted_to_channels(out[k], out["input_size"][0]) for k in ("mean", "std"))
     return out
 
 

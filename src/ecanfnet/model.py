@@ -10,6 +10,7 @@ published checkpoints load strictly.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .metadata import PretrainedCfg
+from .metadata import GLOBAL_POOLS, MAX_IN_CHANS, PretrainedCfg
 
 # Gain that keeps unit variance through SiLU for a unit-Gaussian input (NFNet paper).
 SILU_GAMMA = 1.7881293296813965
@@ -184,16 +185,40 @@ class Stem(nn.Module):
         return self.conv4(F.silu(self.forward_to_conv3(x)))
 
 
-class ClassifierHead(nn.Module):
-    """Global average pool, dropout, linear."""
+def global_pool_2d(x: torch.Tensor, pool_type: str = "avg") -> torch.Tensor:
+    """(B, C, H, W) -> (B, C) by average, max or their mean; (B, 2C) for catavgmax (averages, then maxima), as timm."""
+    if pool_type == "avg":
+        return x.mean(dim=(2, 3))
+    x_max = x.amax(dim=(2, 3))
+    if pool_type == "max":
+        return x_max
+    x_avg = x.mean(dim=(2, 3))
+    if pool_type == "avgmax":
+        return 0.5 * (x_avg + x_max)
+    if pool_type == "catavgmax":
+        return torch.cat((x_avg, x_max), dim=1)
+    raise ValueError(f"global_pool must be one of {', '.join(GLOBAL_POOLS)}, got {pool_type!r}")
 
-    def __init__(self, num_features: int, num_classes: int, drop_rate: float) -> None:
+
+def pooled_width(num_features: int, pool_type: str) -> int:
+    """Width of the pooled embedding: num_features, twice that for catavgmax."""
+    if pool_type not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool must be one of {', '.join(GLOBAL_POOLS)}, got {pool_type!r}")
+    return 2 * num_features if pool_type == "catavgmax" else num_features
+
+
+class ClassifierHead(nn.Module):
+    """Global pool (average by default), dropout, linear."""
+
+    def __init__(self, num_features: int, num_classes: int, drop_rate: float, *, pool_type: str = "avg") -> None:
         super().__init__()
+        self.pool_type = pool_type
         self.drop = nn.Dropout(drop_rate)
-        self.fc: nn.Module = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
+        width = pooled_width(num_features, pool_type)
+        self.fc: nn.Module = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.drop(x.mean(dim=(2, 3)))
+        x = self.drop(global_pool_2d(x, self.pool_type))
         return x if pre_logits else self.fc(x)
 
 
@@ -201,14 +226,18 @@ class ECANFNet(nn.Module):
     """ECA-NFNet: stem, four stages of NF blocks, a widening 1x1 conv, and a linear classifier."""
 
     def __init__(self, cfg: NFNetConfig, num_classes: int = 1000, *, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, name: str = "eca_nfnet") -> None:
+                 drop_path_rate: float = 0.0, name: str = "eca_nfnet", global_pool: str = "avg") -> None:
         super().__init__()
+        if not (isinstance(cfg.in_chans, int) and 1 <= cfg.in_chans <= MAX_IN_CHANS):
+            raise ValueError(f"in_chans must be an integer from 1 to {MAX_IN_CHANS}, got {cfg.in_chans!r}")
         self.cfg = cfg
         self.name = name
         self.num_classes = num_classes
         self.num_features = cfg.num_features
+        self.global_pool = global_pool
+        self.head_hidden_size = pooled_width(self.num_features, global_pool)  # the pooled embedding's width
         self.drop_rate = drop_rate
-        self.pretrained_cfg = PretrainedCfg(num_classes=num_classes)
+        self.pretrained_cfg = PretrainedCfg(num_classes=num_classes).with_in_chans(cfg.in_chans)
         eps = cfg.std_conv_eps
 
         self.stem = Stem(cfg.in_chans, cfg.stem_channels, eps)
@@ -227,7 +256,7 @@ class ECANFNet(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
         self.final_conv = ScaledStdConv2d(prev, self.num_features, 1, eps=eps)
-        self.head = ClassifierHead(self.num_features, num_classes, drop_rate)
+        self.head = ClassifierHead(self.num_features, num_classes, drop_rate, pool_type=global_pool)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -245,7 +274,7 @@ class ECANFNet(nn.Module):
                 nn.init.zeros_(m.conv3.gain)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Image batch (B, 3, H, W) -> final feature map (B, num_features, H/32, W/32)."""
+        """Image batch (B, in_chans, H, W) -> final feature map (B, num_features, H/32, W/32)."""
         x = self.stages(self.stem(x))
         return F.silu(self.final_conv(x))
 
@@ -282,17 +311,20 @@ class ECANFNet(nn.Module):
         return (F.silu(x) if len(stages) == len(self.stages) else x), maps
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Feature map -> logits, or the pooled embedding when pre_logits is True."""
+        """Feature map -> logits, or the pooled embedding (head_hidden_size wide) when pre_logits is True."""
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a freshly initialised one for num_classes (0: no classifier)."""
-        self.num_classes = num_classes
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A freshly initialised classifier for num_classes (0: none), pooled by global_pool (default: as before)."""
+        pool = self.global_pool if global_pool is None else global_pool
+        head = ClassifierHead(self.num_features, num_classes, self.drop_rate, pool_type=pool)  # checks pool first
+        self.num_classes, self.global_pool = num_classes, pool
+        self.head_hidden_size = pooled_width(self.num_features, pool)
         self.pretrained_cfg = self.pretrained_cfg.with_classes(num_classes)
-        self.head = ClassifierHead(self.num_features, num_classes, self.drop_rate)
+        self.head = head
         if isinstance(self.head.fc, nn.Linear):
             nn.init.normal_(self.head.fc.weight, 0.0, 0.01)
             nn.init.zeros_(self.head.fc.bias)
@@ -361,11 +393,13 @@ class ECANFNetFeatures(nn.Module):
 
 
 def build_model(name: str = "eca_nfnet_l0", num_classes: int = 1000, drop_rate: float = 0.0,
-                drop_path_rate: float = 0.0) -> ECANFNet:
-    """Build a randomly initialised network by architecture name (see CONFIGS)."""
+                drop_path_rate: float = 0.0, *, in_chans: int = 3, global_pool: str = "avg") -> ECANFNet:
+    """Build a randomly initialised network by architecture name (see CONFIGS), taking in_chans input channels."""
     if name not in CONFIGS:
         raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(CONFIGS)}")
-    return ECANFNet(CONFIGS[name], num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate, name=name)
+    cfg = dataclasses.replace(CONFIGS[name], in_chans=in_chans)
+    return ECANFNet(cfg, num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate, name=name,
+                    global_pool=global_pool)
 
 
 def embedding_view(model: nn.Module) -> nn.Module:

@@ -69,6 +69,7 @@ class QuantizedECANFNet(nn.Module):
                  num_features: int, trunk_sha256: str) -> None:
         super().__init__()
         self.name, self.num_features = name, num_features
+        self.head_hidden_size = num_features  # the trunk already pools: its output width is the embedding's
         self.head = nn.Module()
         self.head.fc = fc.eval() if fc is not None else nn.Identity()
         self.num_classes = fc.out_features if fc is not None else 0
@@ -476,7 +477,7 @@ def write_int8_folder(output: Path, trunk: openvino.Model, model: ECANFNet, repo
 
     from .backends import save_openvino
     from .weights import weights_fingerprint
-    from .fileio import new_dir_mode
+    from .fileio import move_folder_into_place, new_dir_mode
 
     check_int8_output(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -487,33 +488,18 @@ def write_int8_folder(output: Path, trunk: openvino.Model, model: ECANFNet, repo
         head = {"head.fc.weight": fc.weight.detach().float().contiguous(),
                 "head.fc.bias": fc.bias.detach().float().contiguous()}
         write_atomically(staging / HEAD_FILE, lambda tmp: save_file(head, tmp))
-        config = model.pretrained_cfg.to_config(architecture=model.name, num_features=model.num_features)
+        config = model.pretrained_cfg.to_config(architecture=model.name, num_features=model.head_hidden_size,
+                                                global_pool=model.global_pool)
         config["quantization"] = {"format": FORMAT, "trunk_sha256": ir_sha256(staging / TRUNK_FILE),
                                   "source": report.get("source"), "source_fingerprint": weights_fingerprint(model),
                                   "openvino": ov.get_version(), "nncf": nncf.__version__}
         write_json_atomically(staging / "config.json", config)
         write_json_atomically(staging / REPORT_FILE, report)
         os.chmod(staging, new_dir_mode())
-        _move_into_place(staging, output)
+        move_folder_into_place(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output
-
-
-def _move_into_place(staging: Path, output: Path) -> None:
-    """Rename staging to output; an earlier INT8 folder (or an empty one) there is set aside first, then removed."""
-    if not output.exists():
-        os.rename(staging, output)
-        return
-    old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-"))
-    os.rename(output, old / "previous")
-    try:
-        os.rename(staging, output)
-    except OSError:
-        os.rename(old / "previous", output)  # put the earlier one back
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def quantize_on_random_input(model: ECANFNet, image_size: int | tuple[int, int], count: int = 16,

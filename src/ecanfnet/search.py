@@ -151,7 +151,7 @@ def embed_queries(index: EmbeddingIndex, images: list[str], weights: WeightsSour
                          f"{index.files.vectors} was embedded with (fingerprint {plan.get('weights_fingerprint')}); "
                          f"pass the same --weights")
     runner = make_runner(model, "auto" if is_int8_model(model) else backend, None, device)
-    vectors, good, errors = embed_paths(images, runner, eval_transform(model.pretrained_cfg), model.num_features,
+    vectors, good, errors = embed_paths(images, runner, eval_transform(model.pretrained_cfg), model.head_hidden_size,
                                         normalize=True)
     return vectors, good, errors
 

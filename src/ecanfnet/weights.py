@@ -5,24 +5,33 @@ Sources, all through :func:`resolve_weights`:
     (honours ``HF_HOME`` and ``HF_HUB_OFFLINE``);
   - a folder in the hub layout: ``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``;
   - a ``.safetensors`` file;
-  - a ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` file, read with ``torch.load(weights_only=True)``.
+  - a ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` / ``.pth.tar`` file, read with ``torch.load(weights_only=True)``:
+    a state dict, or a training checkpoint holding one. timm's (``model_best.pth.tar``, ``checkpoint-N.pth.tar``)
+    keep their command line as an ``argparse.Namespace``, the one class besides torch's allowed here; its
+    values pass the same weights-only checks. The weights taken are timm's choice: ``state_dict_ema`` (or
+    ``model_ema``) when present, else ``state_dict`` (or ``model``).
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import logging
+import math
 import os
 import pickle
 import pickletools
 import re
 import socket
 import tarfile
+import threading
 import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterator, Union
 from urllib.parse import urlparse
 
 import torch
@@ -32,6 +41,7 @@ from .metadata import MAX_CONFIG_BYTES, PretrainedCfg, short_repr, validate_conf
 from .model import CONFIGS, ECANFNet
 
 WeightsSource = Union[str, os.PathLike]
+log = logging.getLogger("ecanfnet")
 
 HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 # Published ra2_in1k checkpoints; eca_nfnet_l3 was never released.
@@ -43,6 +53,14 @@ DEFAULT_HUB_REPOS = {
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
+STEM_KEY = "stem.conv1.weight"
+# Where a training checkpoint keeps its weights, in timm's order of preference (EMA weights first).
+STATE_DICT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+# Wrapper prefixes a saved state dict may carry: DistributedDataParallel's and torch.compile's.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Classes torch's weights-only unpickler does not allow that a checkpoint may still hold: timm's training args.
+TRAINING_CHECKPOINT_GLOBALS = (argparse.Namespace,)
+_GLOBALS_LOCK = threading.Lock()
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # torch.save's legacy (non-zip) format starts with this number, pickled.
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -67,6 +85,17 @@ class Checkpoint:
     def pretrained_cfg(self) -> PretrainedCfg:
         """The checkpoint's metadata: config.json's values over the published checkpoints' defaults."""
         return PretrainedCfg.from_validated(self.config, self.source, num_classes=self.num_classes)
+
+    @property
+    def in_chans(self) -> int | None:
+        """Input channels of the weights' first convolution (None when they hold none)."""
+        w = self.state_dict.get(STEM_KEY)
+        return int(w.shape[1]) if w is not None and w.ndim == 4 else None
+
+    @property
+    def global_pool(self) -> str | None:
+        """The classifier's pooling named by config.json (None when it names none)."""
+        return self.config.get("global_pool")
 
     @property
     def architecture(self) -> str | None:
@@ -173,7 +202,8 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
                                    "pickle, another format or a damaged file)",
                              "; only torch.save tensor checkpoints and .safetensors files are read")
     try:
-        with warnings.catch_warnings():  # a second line besides the refusal, about torch internals
+        with warnings.catch_warnings(), _training_checkpoint_globals():
+            # a second line besides the refusal, about torch internals, is not wanted
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, KeyError...
@@ -184,6 +214,22 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
                                  " Only plain tensor checkpoints are read; convert a trusted file to .safetensors "
                                  "first.") from exc
         raise TorchLoadError(path, f"not a readable PyTorch checkpoint ({torch_error_line(exc)})") from exc
+
+
+@contextmanager
+def _training_checkpoint_globals() -> Iterator[None]:
+    """torch's weights-only allowlist plus TRAINING_CHECKPOINT_GLOBALS, for one load.
+
+    torch keeps that list process-wide: the lock stops two loads from removing each other's additions, and
+    classes a caller had allowed already are left in place afterwards.
+    """
+    if not hasattr(torch.serialization, "safe_globals"):  # torch < 2.5: such checkpoints are refused
+        yield
+        return
+    with _GLOBALS_LOCK:
+        had = set(torch.serialization.get_safe_globals())
+        with torch.serialization.safe_globals([g for g in TRAINING_CHECKPOINT_GLOBALS if g not in had]):
+            yield
 
 
 def _is_torch_save_file(path: Path) -> bool:
@@ -205,6 +251,7 @@ def _foreign_global(path: Path, max_bytes: int = 64 * 2**20) -> str | None:
         allowed = set(_get_allowed_globals())
     except Exception:  # noqa: BLE001 - a private torch API: without it any global is named
         allowed = set()
+    allowed.update(f"{g.__module__}.{g.__qualname__}" for g in TRAINING_CHECKPOINT_GLOBALS)
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
@@ -265,15 +312,22 @@ def _first_line(exc: BaseException | str, limit: int = 200) -> str:
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    """Accept a bare state dict or a training checkpoint holding one under 'state_dict' or 'model'."""
+    """A bare state dict, or the one a training checkpoint holds under the first of STATE_DICT_KEYS (timm's order)."""
     if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
+        key = next((k for k in STATE_DICT_KEYS if isinstance(obj.get(k), dict)), None)
+        if key is not None:
+            log.info("%s: a training checkpoint; loading its %r weights", path, key)
+            obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path}: does not contain a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return {_unwrapped_key(k): v for k, v in obj.items()}
+
+
+def _unwrapped_key(key: Any) -> Any:
+    """A state-dict key without the DDP / torch.compile wrapper prefixes, in whichever order they were added."""
+    while isinstance(key, str) and key.startswith(WRAPPER_PREFIXES):
+        key = next(key[len(p):] for p in WRAPPER_PREFIXES if key.startswith(p))
+    return key
 
 
 def _read_config(path: Path | None) -> dict[str, Any]:
@@ -365,11 +419,40 @@ def _endpoint_reachable(endpoint: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def load_checkpoint(model: ECANFNet, ckpt: Checkpoint) -> None:
-    """Load weights strictly; a classifier of another size is skipped (and left freshly initialised)."""
+def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """A first-conv weight (out, c, kh, kw) for in_chans inputs, as timm adapts pretrained stems.
+
+    One channel: the sum over the c input channels. Otherwise the channels repeated (cycled) to in_chans and
+    scaled by c / in_chans, so a constant image gives the same response. Computed in float32, returned in
+    weight's dtype; weight standardization then applies to the result as to any weight.
+    """
+    channels = weight.shape[1]
+    if in_chans == channels:
+        return weight
+    w = weight.float()
+    if in_chans == 1:
+        w = w.sum(dim=1, keepdim=True)
+    else:
+        w = w.repeat(1, math.ceil(in_chans / channels), 1, 1)[:, :in_chans] * (channels / in_chans)
+    return w.to(weight.dtype)
+
+
+def adapt_checkpoint_input(ckpt: Checkpoint, in_chans: int) -> Checkpoint:
+    """ckpt with its first conv adapted to in_chans input channels (itself when it already takes them)."""
+    have = ckpt.in_chans
+    if have is None or have == in_chans:
+        return ckpt
+    state = dict(ckpt.state_dict)
+    state[STEM_KEY] = adapt_input_conv(state[STEM_KEY], in_chans)
+    log.info("%s: adapted %s from %d to %d input channels", ckpt.source, STEM_KEY, have, in_chans)
+    return Checkpoint(state, ckpt.config, ckpt.source)
+
+
+def load_checkpoint(model: ECANFNet, ckpt: Checkpoint, *, strict: bool = False) -> None:
+    """Load weights strictly; a classifier of another size is skipped (and left freshly initialised) unless strict."""
     state = dict(ckpt.state_dict)
     own = model.state_dict()
-    head_differs = ckpt.num_classes != model.num_classes
+    head_differs = not strict and ckpt.num_classes != model.num_classes
     if head_differs:
         for k in HEAD_KEYS:
             state.pop(k, None)
@@ -413,7 +496,8 @@ def save_pretrained(model: ECANFNet, folder: WeightsSource, label_names: list[st
         if len(label_names) != model.num_classes:
             raise ValueError(f"label_names has {len(label_names)} entries but the model has {model.num_classes} classes")
         cfg = cfg.replace(label_names=tuple(label_names))
-    config = cfg.to_config(architecture=model.name, num_features=model.num_features)
+    config = cfg.to_config(architecture=model.name, num_features=model.num_features,
+                           global_pool=getattr(model, "global_pool", "avg"))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}

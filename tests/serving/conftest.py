@@ -9,6 +9,8 @@ import pytest
 from ecanfnet.testing import ServeProcess
 from helpers import HARDENED_MAX_CONNECTIONS, HTML_LABEL
 
+# The API key of the `keyed` server.
+API_KEY = "v2-s3cret"
 
 
 @pytest.fixture(scope="package")
@@ -38,3 +40,24 @@ def hardened(three_class_folder):
     srv.stop()
 
 
+@pytest.fixture(scope="package")
+def keyed(three_class_folder):
+    """The 3-class 64 px checkpoint behind an API key, batches of at most 2 images, a 1 MiB body limit: for the
+    /v2 key, bound and hostile-request tests."""
+    srv = ServeProcess(three_class_folder, "--backend", "torch", "--max-batch", "2", "--max-upload-bytes",
+                       str(2 ** 20), "--model-name", "three", env={"ECANFNET_API_KEY": API_KEY})
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def small_engine():
+    """An in-process engine (torch backend) of a randomised 3-class model at 64 px, labels cat, dog, fish."""
+    from ecanfnet import create_model
+    from ecanfnet.serving.engine import InferenceEngine
+    from ecanfnet.testing import randomize_
+
+    model = randomize_(create_model(pretrained=False, num_classes=3), seed=1).eval()
+    model.pretrained_cfg = model.pretrained_cfg.replace(input_size=(3, 64, 64), test_input_size=(3, 64, 64),
+                                                        label_names=["cat", "dog", "fish"])
+    return InferenceEngine(model, "torch")

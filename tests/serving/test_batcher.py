@@ -163,3 +163,39 @@ def test_decode_queue_bounds_its_backlog_and_never_works_for_requests_that_canno
     assert results[0] == 0 and all(isinstance(r, DecodeBusy) for r in results[1:]), results
     assert after_overload == 0 and backlog == 0
     assert fresh == 99 and started == [0, 50, 99], started
+
+
+def test_submit_many_queues_all_images_or_none_and_a_caller_that_gives_up_takes_its_images_back():
+    model = FakeModel()
+    model.gate.clear()
+
+    async def scenario(batcher):
+        running = asyncio.ensure_future(batcher.submit(image(0)))
+        await wait_until_running(model)             # image 0 left the queue for the model
+        with pytest.raises(QueueFull):
+            await batcher.submit_many([image(v) for v in (1, 2, 3, 4, 5, 6)])
+        assert batcher.depth() == 0                 # none of the four was queued
+        group = asyncio.ensure_future(batcher.submit_many([image(v) for v in (5, 6, 7)]))
+        await asyncio.sleep(0.01)
+        assert batcher.depth() == 3
+        given_up = asyncio.ensure_future(batcher.submit_many([image(v) for v in (8, 9)]))
+        await asyncio.sleep(0.01)
+        given_up.cancel()
+        model.gate.set()
+        answers = await running, await group
+        return (*answers, await batcher.submit(image(10)))
+
+    (out0, row0), group, (out10, row10) = run(scenario, model, max_batch=2, max_wait_ms=0, max_queue=5)
+    assert out0[row0, 0, 0, 0].item() == 0 and out10[row10, 0, 0, 0].item() == 20
+    assert [out[row, 0, 0, 0].item() for out, row in group] == [10, 12, 14]  # in order, over two batches
+    assert sorted(v for b in model.batches for v in b) == [0, 5, 6, 7, 10], model.batches
+
+
+def test_warm_up_runs_one_batch_on_the_model_thread_outside_the_queue():
+    model = FakeModel()
+
+    async def scenario(batcher):
+        return await batcher.warm_up(torch.stack([image(3)]))
+
+    output = run(scenario, model, max_batch=2, max_wait_ms=0, max_queue=1)
+    assert output[0, 0, 0, 0].item() == 6 and model.batches == [[3]]

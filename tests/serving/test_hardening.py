@@ -232,7 +232,8 @@ def test_every_error_is_one_detail_string(server, method, path, kwargs, status):
 
 
 def test_an_internal_error_is_a_500_with_one_detail_string():
-    """In-process: a model that raises gives every waiting request a 500 {"detail": "..."}, no traceback text."""
+    """In-process: a model that raises gives every waiting request a 500 {"detail": "..."} ({"error": "..."} on
+    /v2), no traceback text."""
     import torch
     from fastapi.testclient import TestClient
 
@@ -241,6 +242,9 @@ def test_an_internal_error_is_a_500_with_one_detail_string():
     class BrokenEngine:
         name, num_classes, num_features, image_size, backend, precision = "broken", 3, 4, (8, 8), "torch", "fp32"
         labels = ["a", "b", "c"]
+        eval_settings = {"image_size": (8, 8), "crop_pct": 1.0, "crop_mode": "center", "interpolation": "bicubic",
+                         "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+        weights_fingerprint = "0" * 24
 
         def transform(self, img):
             return torch.zeros(3, 8, 8)
@@ -251,6 +255,9 @@ def test_an_internal_error_is_a_500_with_one_detail_string():
     with TestClient(create_app(BrokenEngine()), raise_server_exceptions=False) as client:
         got = client.post("/v1/classify", content=SMALL_PNG, headers={"content-type": "image/png"})
         assert got.status_code == 500 and got.json() == {"detail": "internal server error"}, got.text
+        pixels = {"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 3, 8, 8], "data": [0] * 192}]}
+        got = client.post("/v2/models/broken/infer", json=pixels)
+        assert got.status_code == 500 and got.json() == {"error": "internal server error"}, got.text
         assert client.get("/healthz").status_code == 200
 
 

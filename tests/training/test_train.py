@@ -21,7 +21,8 @@ from ecanfnet import create_model
 from ecanfnet.testing import photo_arrays
 from ecanfnet.training.agc import adaptive_clip_grad_
 from ecanfnet.training.data import DEFAULT_CROP_SCALE
-from ecanfnet.training.loop import STATE_FILE, TrainingError, train
+from ecanfnet.training.loop import TrainingError, train
+from ecanfnet.training.state import state_file, training_dir
 from helpers import CLASSES, make_image_folder, tiny_config
 
 pytestmark = pytest.mark.slow  # processes, servers or training runs: `pytest -m "not slow"` skips them
@@ -39,11 +40,11 @@ def test_tiny_run_learns_and_its_output_loads_in_ecanfnet_and_timm(tmp_path, fol
 
     # from scratch (the NF init: every residual branch starts at zero) with the recipe's defaults
     out = train(tiny_config(folder, tmp_path / "out", timm_hub_folder, epochs=5, from_scratch=True, lr=0.05))
-    rows = (out / "metrics.csv").read_text().splitlines()
+    rows = (training_dir(out) / "metrics.csv").read_text().splitlines()
     assert rows[0] == "epoch,train_loss,val_loss,val_top1,val_top5" and len(rows) == 6
     losses = [float(r.split(",")[1]) for r in rows[1:]]
     assert losses[-1] < losses[0], losses
-    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (training_dir(out) / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ours = create_model(pretrained=out).eval()
     assert ours.pretrained_cfg["label_names"] == list(CLASSES)
     ref = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
@@ -60,7 +61,7 @@ def test_output_records_the_validation_preprocessing_so_evaluate_reproduces_it(t
                             image_size=48, val=str(val)))
     model = create_model(pretrained=out).eval()
     assert model.pretrained_cfg["test_input_size"][-1] == model.pretrained_cfg["input_size"][-1] == 48
-    rows = [r.split(",") for r in (out / "metrics.csv").read_text().splitlines()[1:]]
+    rows = [r.split(",") for r in (training_dir(out) / "metrics.csv").read_text().splitlines()[1:]]
     best = max(rows, key=lambda r: float(r[3]))  # the first epoch with the highest top-1 is the one saved
     with torch.no_grad():
         report = evaluate_folder(model, val, batch_size=4)
@@ -80,7 +81,7 @@ def test_killed_run_resumes_to_bitwise_the_same_weights(tmp_path, folder, timm_h
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not (killed / STATE_FILE).exists():  # wait for the end of epoch 1, then kill during epoch 2
+    while not state_file(killed).exists():  # wait for the end of epoch 1, then kill during epoch 2
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
         time.sleep(0.05)
     time.sleep(0.5)
@@ -88,24 +89,24 @@ def test_killed_run_resumes_to_bitwise_the_same_weights(tmp_path, folder, timm_h
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     resumed = train(tiny_config(folder, killed, timm_hub_folder, resume=True))
-    a = torch.load(straight / STATE_FILE, weights_only=True)["model"]
-    b = torch.load(resumed / STATE_FILE, weights_only=True)["model"]
+    a = torch.load(state_file(straight), weights_only=True)["model"]
+    b = torch.load(state_file(resumed), weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (straight / "metrics.csv").read_text() == (resumed / "metrics.csv").read_text()
+    assert (training_dir(straight) / "metrics.csv").read_text() == (training_dir(resumed) / "metrics.csv").read_text()
 
 
 def test_resume_with_changed_settings_is_refused_naming_them(tmp_path, folder, timm_hub_folder):
     """The training state records the run's resolved settings; a resume that changes any is refused, each named,
     and leaves the state as it was. Run-control options (workers, progress) and epochs (train longer) may change."""
     out = train(tiny_config(folder, tmp_path / "out", timm_hub_folder, epochs=1))
-    saved = (out / STATE_FILE).read_bytes()
+    saved = state_file(out).read_bytes()
     with pytest.raises(TrainingError) as refused:
         train(tiny_config(folder, out, timm_hub_folder, epochs=2, lr=0.03, hflip=0.0, resume=True))
     message = str(refused.value)
     for change in ("lr: was 0.02, now 0.03", "hflip: was 0.5, now 0.0"):
         assert change in message, message
-    assert "seed" not in message and "epochs" not in message and (out / STATE_FILE).read_bytes() == saved
-    state = torch.load(out / STATE_FILE, weights_only=True)
+    assert "seed" not in message and "epochs" not in message and state_file(out).read_bytes() == saved
+    state = torch.load(state_file(out), weights_only=True)
     assert state["settings"]["processes"] == 1 and state["settings"]["crop_scale"] == list(DEFAULT_CROP_SCALE)
     train(tiny_config(folder, out, timm_hub_folder, epochs=1, workers=1, resume=True))  # nothing left to do: fine
 
@@ -229,7 +230,7 @@ def test_accumulation_bf16_ema_and_mixing_run_resume_and_export(tmp_path, folder
     resumed = train(tiny_config(folder, first, timm_hub_folder, **options, resume=True))
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    state = torch.load(straight / STATE_FILE, weights_only=True)
+    state = torch.load(state_file(straight), weights_only=True)
     assert state["ema"] and not torch.equal(state["ema"]["module.head.fc.weight"], state["model"]["head.fc.weight"])
     assert create_model(pretrained=straight).num_classes == 3
 
@@ -260,7 +261,7 @@ def test_fp16_scales_gradients_and_unscales_them_before_agc(tmp_path, folder, ti
         with device_warning:
             outs[precision] = train(tiny_config(folder, tmp_path / precision, timm_hub_folder, epochs=1,
                                                 precision=precision))
-    state = torch.load(tmp_path / "fp16" / STATE_FILE, weights_only=True)
+    state = torch.load(state_file(tmp_path / "fp16"), weights_only=True)
     assert state["scaler"]["scale"] >= 2.0 ** 10  # the scaler was on ...
     # ... yet AGC saw gradients of the fp32 size (the same first batch), not ones thousands of times larger
     assert seen["fp16"][0] == pytest.approx(seen["fp32"][0], rel=0.05), seen

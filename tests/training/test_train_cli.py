@@ -14,7 +14,7 @@ import torch
 
 from helpers import one_error_line
 from ecanfnet.cli import main
-from ecanfnet.training.loop import STATE_FILE
+from ecanfnet.training.state import state_file, training_dir
 from helpers import make_image_folder
 
 pytestmark = pytest.mark.slow  # processes, servers or training runs: `pytest -m "not slow"` skips them
@@ -25,6 +25,12 @@ TINY = ["--from-scratch", "--epochs", "1", "--batch-size", "3", "--image-size", 
 
 def train_cli(data: Path, out: Path, *extra: str) -> int:
     return main(["train", "--data", str(data), "--output", str(out), *TINY, *extra])
+
+
+def copy_run(src: Path, dst: Path) -> None:
+    """A run's OUT and its OUT.training, copied."""
+    shutil.copytree(src, dst)
+    shutil.copytree(training_dir(src), training_dir(dst))
 
 
 @pytest.fixture(scope="module")
@@ -52,20 +58,20 @@ def test_validation_reports_progress_as_a_few_plain_lines_in_a_log(finished):
 
 def test_a_second_run_into_the_same_output_is_refused_unless_overwrite(finished, data, tmp_path, capsys):
     out = tmp_path / "out"
-    shutil.copytree(finished[0], out)
+    copy_run(finished[0], out)
     before = (out / "model.safetensors").read_bytes()
     assert train_cli(data, out) == 1
     line = one_error_line(capsys.readouterr().err)
     assert str(out) in line and "already holds" in line and "--resume" in line and "--overwrite" in line
     assert (out / "model.safetensors").read_bytes() == before
     # a model alone (no training state) is protected too
-    (out / STATE_FILE).unlink()
+    state_file(out).unlink()
     assert train_cli(data, out) == 1 and "model.safetensors" in one_error_line(capsys.readouterr().err)
     assert train_cli(data, out, "--resume") == 1  # nothing to resume: --resume must not replace it either
     assert "no training state" in one_error_line(capsys.readouterr().err)
     assert (out / "model.safetensors").read_bytes() == before
     assert train_cli(data, out, "--overwrite") == 0
-    assert (out / "model.safetensors").read_bytes() != before and (out / STATE_FILE).is_file()
+    assert (out / "model.safetensors").read_bytes() != before and state_file(out).is_file()
     with pytest.raises(SystemExit) as exit_:
         train_cli(data, out, "--overwrite", "--resume")
     assert exit_.value.code == 2
@@ -122,7 +128,7 @@ def test_status_and_skip_lines_are_logged_through_one_escaping_handler(data, tmp
 def hostile_states(finished, tmp_path_factory) -> dict[str, Path]:
     from hostile import hostile_training_states
 
-    return hostile_training_states(tmp_path_factory.mktemp("states"), finished[0] / STATE_FILE)
+    return hostile_training_states(tmp_path_factory.mktemp("states"), state_file(finished[0]))
 
 
 HOSTILE_STATES = ["truncated", "empty", "random_bytes", "other_model_state_dict", "bare_model_weights",
@@ -134,23 +140,23 @@ HOSTILE_STATES = ["truncated", "empty", "random_bytes", "other_model_state_dict"
 @pytest.mark.parametrize("name", HOSTILE_STATES)
 def test_resume_from_an_unusable_training_state_is_one_line(name, hostile_states, finished, data, tmp_path, capsys):
     out = tmp_path / "out"
-    shutil.copytree(finished[0], out)
-    shutil.copyfile(hostile_states[name], out / STATE_FILE)
+    copy_run(finished[0], out)
+    shutil.copyfile(hostile_states[name], state_file(out))
     assert train_cli(data, out, "--resume") == 1
     line = one_error_line(capsys.readouterr().err)
-    assert str(out / STATE_FILE) in line and "weights_only" not in line  # no advice to unpickle it anyway
+    assert str(state_file(out)) in line and "weights_only" not in line  # no advice to unpickle it anyway
     assert "\x1b" not in line  # a hostile key is quoted, not printed raw
     assert not (hostile_states[name].parent / "pwned").exists()  # no pickled code ran
 
 
 def test_resume_with_another_class_count_names_both_counts(finished, data, tmp_path, capsys):
     out, fewer = tmp_path / "out", tmp_path / "two_classes"
-    shutil.copytree(finished[0], out)
+    copy_run(finished[0], out)
     shutil.copytree(data, fewer)
     shutil.rmtree(fewer / "rocket")
     assert train_cli(fewer, out, "--resume") == 1
     line = one_error_line(capsys.readouterr().err)
-    assert str(out / STATE_FILE) in line and "for 3 classes, this run has 2" in line
+    assert str(state_file(out)) in line and "for 3 classes, this run has 2" in line
 
 
 def test_a_single_class_folder_is_refused(data, tmp_path, capsys):

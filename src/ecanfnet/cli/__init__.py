@@ -12,14 +12,14 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import BackendError, EmbedError, WeightsError
-from . import bench, embed, evaluate, export, predict, quantize, search, serve, train
+from . import bench, embed, evaluate, export, predict, push, quantize, search, serve, train
 from ._console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, console_log, error, os_error_text, warnings_as_lines
 from ._options import apply_fast_switch
 
 __all__ = ["build_parser", "main"]
 
 # In the order `ecanfnet --help` lists them.
-COMMANDS = (predict, bench, export, train, evaluate, embed, quantize, search, serve)
+COMMANDS = (predict, bench, export, train, push, evaluate, embed, quantize, search, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

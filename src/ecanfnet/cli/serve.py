@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 import warnings
 from typing import TYPE_CHECKING
@@ -21,12 +22,15 @@ if TYPE_CHECKING:
     import torch
 
 # What serving imports beyond the base install (the serve extra: uvicorn, FastAPI under the app).
-_SERVE_MODULES = ("uvicorn", "..serving.app", "..serving.protocol")
+_SERVE_MODULES = ("uvicorn", "..serving.app", "..serving.protocol", "..serving.v2")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 EXAMPLES = (
     ("the published checkpoint on http://127.0.0.1:8000/ (this machine only)", "ecanfnet serve"),
-    ("your model on every interface, on a GPU, clients sending the key in X-API-Key",
-     "ECANFNET_API_KEY=change-me ecanfnet serve --weights runs/flowers --host 0.0.0.0 --device cuda"),
+    ("your model on every interface, on a GPU, clients sending the key in X-API-Key; tritonclient (/v2) asks "
+     "for it as flowers",
+     "ECANFNET_API_KEY=change-me ecanfnet serve --weights runs/flowers --model-name flowers --host 0.0.0.0 "
+     "--device cuda"),
     ("behind a reverse proxy that sends Host: classify.example.org, larger batches",
      "ecanfnet serve --port 8080 --allow-host classify.example.org --max-batch 32 --max-wait-ms 20"),
 )
@@ -35,10 +39,15 @@ EXAMPLES = (
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the serve parser."""
     s = add_command(subparsers, "serve", help="HTTP API and web page for classification and embeddings",
-                    description="Serve POST /v1/classify, POST /v1/embed, GET /v1/model, /healthz, /metrics "
-                                "and a web page at /, with requests batched dynamically. Needs the serve "
-                                "extra: pip install 'ecanfnet[serve]'.", examples=EXAMPLES)
+                    description="Serve POST /v1/classify, POST /v1/embed, GET /v1/model, the Open Inference "
+                                "Protocol (KServe v2: /v2/health/*, /v2/models/NAME, POST /v2/models/NAME/infer), "
+                                "/healthz, /metrics, /docs and a web page at /, with requests batched "
+                                "dynamically. Needs the serve extra: pip install 'ecanfnet[serve]'.",
+                    examples=EXAMPLES)
     add_weights_option(s)
+    s.add_argument("--model-name", type=model_name, default=None, metavar="NAME",
+                   help="the model's name on /v2/models/NAME (letters, digits, _ . -; default: the checkpoint's "
+                        "architecture, e.g. eca_nfnet_l0)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     s.add_argument("--port", type=port_number, default=8000, help="TCP port, 1-65535 (default 8000)")
     _add_batching_options(s)
@@ -90,11 +99,19 @@ def _add_limit_options(s: argparse.ArgumentParser) -> None:
 def _add_access_options(s: argparse.ArgumentParser) -> None:
     """Who may use the server: the API key and the Host names answered."""
     s.add_argument("--api-key", default=None, metavar="KEY",
-                   help="require this key (printable ASCII; Authorization: Bearer KEY or X-API-Key: KEY) on /v1/*; "
-                        "default: $ECANFNET_API_KEY, else none")
+                   help="require this key (printable ASCII; Authorization: Bearer KEY or X-API-Key: KEY) on /v1/* "
+                        "and /v2/* but /v2/health/*; default: $ECANFNET_API_KEY, else none")
     s.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="bound to loopback, the server answers only Host: localhost, 127.x.x.x or [::1] "
                         "(against DNS rebinding); also answer this name (e.g. behind a proxy; repeatable)")
+
+
+def model_name(text: str) -> str:
+    """argparse type of --model-name: a name that is one URL path segment as it is."""
+    if not MODEL_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"must be 1-64 letters, digits, '_', '.' or '-' starting with a letter or "
+                                         f"digit, got {text!r}")
+    return text
 
 
 def run(args: argparse.Namespace) -> int:
@@ -166,7 +183,8 @@ def _settings(args: argparse.Namespace, *, api_key: str | None, loopback: bool):
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels, timeout_s=args.timeout_s,
         body_timeout_s=args.body_timeout_s, api_key=api_key, decode_workers=args.decode_workers or 0,
-        decode=args.decode, allowed_hosts=tuple(h.lower() for h in args.allow_host) if loopback else None)
+        decode=args.decode, allowed_hosts=tuple(h.lower() for h in args.allow_host) if loopback else None,
+        model_name=args.model_name)
 
 
 def _uvicorn_config(app, args: argparse.Namespace):

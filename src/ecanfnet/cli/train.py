@@ -32,8 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     t = add_command(subparsers, "train", help="fine-tune (or train from scratch) on an image folder",
                     description="Train on DATA/CLASS_NAME/IMAGE files with the model card's recipe: "
                                 "SGD Nesterov, cosine decay with warm-up, AGC 0.015, label smoothing, "
-                                "RandAugment, dropout and stochastic depth. OUT becomes a hub-layout "
-                                "folder (best weights + labels), with metrics.csv and training/last.pt.",
+                                "RandAugment, dropout and stochastic depth. OUT becomes a folder to publish "
+                                "(best weights, config.json with the labels, README.md model card); the training "
+                                "state, metrics.csv and curves go to OUT.training beside it.",
                     examples=EXAMPLES)
     _add_data_options(t)
     _add_recipe_options(t)
@@ -47,8 +48,9 @@ def _add_data_options(t: argparse.ArgumentParser) -> None:
     """Where the images come from and the model goes, and the starting weights."""
     t.add_argument("--data", required=True, metavar="DIR", help="training images, one subfolder per class")
     t.add_argument("--output", required=True, metavar="OUT",
-                   help="folder for the trained model and logs; one that already holds a model or training "
-                        "state is refused unless --resume or --overwrite")
+                   help="folder for the trained model and its card (the training state and logs go to "
+                        "OUT.training beside it); one that already holds a model or training state is refused "
+                        "unless --resume or --overwrite")
     val = t.add_mutually_exclusive_group()
     val.add_argument("--val", metavar="DIR", help="validation images (same class folders)")
     val.add_argument("--val-split", type=float_in(0.0, 1.0, lo_open=True, hi_open=True), default=0.1,
@@ -141,5 +143,6 @@ def run(args: argparse.Namespace) -> int:
         error(str(exc))
         return EXIT_FAILED
     if context.rank == 0:  # under torchrun every rank returns here; one line is enough
-        print(printable(f"trained model in {out} (predict with: ecanfnet predict --weights {out} IMAGES)"))
+        print(printable(f"trained model in {out} (predict with: ecanfnet predict --weights {out} IMAGES; publish "
+                        f"with: ecanfnet push {out} OWNER/REPO)"))
     return EXIT_OK

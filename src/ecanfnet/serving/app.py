@@ -8,16 +8,17 @@ import ipaddress
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.security import APIKeyHeader, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,13 +26,21 @@ from starlette.requests import ClientDisconnect
 
 from ..transforms import ImageLoadError, ImageTooLarge, decode_image
 from .batcher import DynamicBatcher, QueueFull
+from .docs_page import DOCS_PAGE_HEADERS, docs_page
 from .engine import InferenceEngine
+from .protocol import error_payload
 from .workers import DecodeBusy, DecodeQueue
 
 API_KEY_ENV = "ECANFNET_API_KEY"
 RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
 DEFAULT_TOP_K = 5
 log = logging.getLogger("ecanfnet")
+B, T = TypeVar("B"), TypeVar("T")
+# The key's two headers, declared in the OpenAPI document (the check itself is api_key_check's).
+KEY_NOTE = "the server's API key; needed only when it was started with --api-key or $ECANFNET_API_KEY"
+BEARER = HTTPBearer(auto_error=False, scheme_name="bearer", description=f"`Authorization: Bearer KEY`: {KEY_NOTE}")
+X_API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKeyHeader",
+                         description=f"`X-API-Key: KEY`: {KEY_NOTE}")
 
 
 @dataclass
@@ -49,6 +58,7 @@ class ServeSettings:
     decode_workers: int = 0                 # 0: one per CPU, at most 8
     decode: str = "exact"                   # "fast": JPEGs at a reduced DCT scale (load_image)
     allowed_hosts: tuple[str, ...] | None = None  # Host header names accepted besides loopback ones; None: any
+    model_name: str | None = None           # the name on /v2/models/{name}; None: the architecture
 
 
 class Prediction(BaseModel):
@@ -71,8 +81,18 @@ class EmbedResponse(BaseModel):
     elapsed_ms: float
 
 
+class Preprocessing(BaseModel):
+    image_size: list[int]
+    crop_pct: float
+    crop_mode: str
+    interpolation: str
+    mean: list[float]
+    std: list[float]
+
+
 class ModelInfo(BaseModel):
     architecture: str
+    model_name: str
     num_classes: int
     labels_count: int
     num_features: int
@@ -81,6 +101,9 @@ class ModelInfo(BaseModel):
     precision: str
     max_batch: int
     max_wait_ms: float
+    labels: list[str]
+    preprocessing: Preprocessing
+    weights_fingerprint: str
 
 
 class ErrorResponse(BaseModel):
@@ -138,20 +161,29 @@ class Metrics:
 
 def create_app(engine: InferenceEngine, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI application serving engine under settings (run it with uvicorn)."""
+    from .v2 import add_v2_routes
+
     settings = settings or ServeSettings()
     metrics = Metrics()
     images = ImageRequests(engine, settings, metrics)
-    app = FastAPI(title="ecanfnet", version=_version(), lifespan=images.lifespan,
-                  description=f"{engine.name} image classification and embeddings, dynamically batched.")
+    # FastAPI's own /docs and /redoc load their scripts from a CDN: /docs is served here instead, offline.
+    app = FastAPI(title="ecanfnet", version=_version(), lifespan=images.lifespan, docs_url=None, redoc_url=None,
+                  description=f"{engine.name} image classification and embeddings, dynamically batched: the /v1 "
+                              "API and the Open Inference Protocol (KServe v2) under /v2.")
     install_error_handlers(app)
     install_middleware(app, settings, metrics)
-    add_api_routes(app, engine, settings, images)
+    keyed = [Depends(api_key_check(settings.api_key))]
+    add_api_routes(app, engine, settings, images, keyed=keyed)
+    add_v2_routes(app, engine, settings, images, keyed=keyed)
     add_page_routes(app, metrics)
     return app
 
 
 class ImageRequests:
-    """The work of an image request: body (before admission), admission, decoding and the batched forward pass."""
+    """The work of an image request: body (before admission), admission, decoding and the batched forward pass.
+
+    /v1 and /v2 both run through it: one body bound, one admission limit, one decode pool, one batcher.
+    """
 
     def __init__(self, engine: InferenceEngine, settings: ServeSettings, metrics: Metrics) -> None:
         self.engine, self.settings, self.metrics = engine, settings, metrics
@@ -160,23 +192,39 @@ class ImageRequests:
         self.batcher: DynamicBatcher | None = None
         self.inflight = 0
         self.max_inflight = settings.max_queue + settings.max_batch
+        self.max_images = min(settings.max_batch, settings.max_queue)  # per request (a /v2 batch)
+        self.ready = False  # the model has answered its warm-up batch
+        self._warm_up_task: asyncio.Task | None = None
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
-        """Run the batcher while the app serves; stop it and the decode threads after."""
+        """Run the batcher (and the warm-up batch) while the app serves; stop it and the decode threads after."""
         settings = self.settings
         self.batcher = DynamicBatcher(self.engine, settings.max_batch, settings.max_wait_ms, settings.max_queue,
                                       on_batch=self.metrics.batch_size.observe)
         self.metrics.queue_depth.set_function(self.batcher.depth)
         self.batcher.start()
+        self._warm_up_task = asyncio.get_running_loop().create_task(self._warm_up())
         yield
+        self.ready = False
+        self._warm_up_task.cancel()
         await self.batcher.stop()  # uvicorn has already let in-flight requests finish
         self.decoder.shutdown()
 
-    async def run(self, request: Request) -> tuple[Any, int]:
-        """Body (under its own timeout, before admission), admission, decoding and the batched forward pass."""
+    async def _warm_up(self) -> None:
+        """One batch of one blank image on the model thread; ready once it is answered (live before)."""
+        try:
+            await self.batcher.warm_up(torch.zeros(1, 3, *self.engine.image_size))
+        except Exception as exc:  # noqa: BLE001 - the server stays up, not ready, and says why
+            log.error("the warm-up batch failed, so the server never becomes ready: %s: %s", type(exc).__name__, exc)
+            return
+        self.ready = True
+
+    async def serve(self, request: Request, read: Callable[[Request, int], Awaitable[B]],
+                    work: Callable[[B], Awaitable[T]]) -> T:
+        """read(request, max bytes) under --body-timeout-s, then admission, then work(body) under --timeout-s."""
         settings = self.settings
-        data, name = await read_body_in_time(request, settings.max_upload_bytes, settings.body_timeout_s)
+        body = await read_in_time(read(request, settings.max_upload_bytes), settings.body_timeout_s)
         if self.inflight >= self.max_inflight:
             raise HTTPException(503, "server busy: too many requests in flight", headers={"Retry-After": "1"})
         self.inflight += 1
@@ -184,25 +232,37 @@ class ImageRequests:
         try:
             # The timeout cancels the work too: a decode not yet started is dropped, and so is a queued
             # image (the batcher skips cancelled requests), so no work outlives its 504 in a queue.
-            return await asyncio.wait_for(self._process(data, name), settings.timeout_s)
+            return await asyncio.wait_for(work(body), settings.timeout_s)
         except asyncio.TimeoutError:
             raise HTTPException(504, f"not answered within {settings.timeout_s:g} s") from None
         finally:
             self.inflight -= 1
             self.metrics.inflight.dec()
 
-    async def _process(self, data: bytes, name: str) -> tuple[Any, int]:
-        # A decode that cannot start within half the timeout is refused (503, retry later) rather than
-        # queued: the other half is for the decode itself and the batch, so started work gets answered.
+    async def run(self, request: Request) -> tuple[Any, int]:
+        """One /v1 image: (batch output, row) of the batched forward pass."""
+        return await self.serve(request, read_image_body, self._one_image)
+
+    async def _one_image(self, body: tuple[bytes, str]) -> tuple[Any, int]:
+        data, name = body
+        image = await self.decode(_preprocess, self.engine, data, name, self.settings.max_pixels, self.settings.decode)
+        (answer,) = await self.forward([image])
+        return answer
+
+    async def decode(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) in a decode thread, refused (503) unless one starts it within half of --timeout-s."""
+        # The other half is for the decode itself and the batch, so started work gets answered; overload is shed.
         start_by = time.monotonic() + self.settings.timeout_s / 2
         try:
-            image = await self.decoder.run(start_by, _preprocess, self.engine, data, name, self.settings.max_pixels,
-                                           self.settings.decode)
+            return await self.decoder.run(start_by, fn, *args)
         except DecodeBusy:
             raise HTTPException(503, "server busy: image decoding is backed up",
                                 headers={"Retry-After": "1"}) from None
+
+    async def forward(self, images: list[torch.Tensor]) -> list[tuple[Any, int]]:
+        """Preprocessed images through the batcher, all queued or none (503): (batch output, row) each."""
         try:
-            return await self.batcher.submit(image)
+            return await self.batcher.submit_many(images)
         except QueueFull:
             raise HTTPException(503, "server busy: the batch queue is full", headers={"Retry-After": "1"}) from None
 
@@ -216,7 +276,8 @@ def install_middleware(app: FastAPI, settings: ServeSettings, metrics: Metrics) 
         host = request.headers.get("host")
         if settings.allowed_hosts is not None and host is not None and not host_allowed(host, settings.allowed_hosts):
             return error_response(421, f"Host header {host[:100]!r} is not a name of this server: it is bound to "
-                                       "loopback and answers only localhost, 127.x.x.x or [::1] (see --allow-host)")
+                                       "loopback and answers only localhost, 127.x.x.x or [::1] (see --allow-host)",
+                                  path=request.url.path)
         return await call_next(request)
 
     @app.middleware("http")
@@ -237,7 +298,7 @@ def install_middleware(app: FastAPI, settings: ServeSettings, metrics: Metrics) 
 def api_key_check(api_key: str | None) -> Callable[[Request], None]:
     """A FastAPI dependency raising 401 unless the request carries api_key (none: every request passes)."""
 
-    def require_api_key(request: Request) -> None:
+    def require_api_key(request: Request, _bearer: Any = Security(BEARER), _header: Any = Security(X_API_KEY)) -> None:
         if api_key is None:
             return
         given = request.headers.get("x-api-key") or ""
@@ -251,9 +312,9 @@ def api_key_check(api_key: str | None) -> Callable[[Request], None]:
     return require_api_key
 
 
-def add_api_routes(app: FastAPI, engine: InferenceEngine, settings: ServeSettings, images: ImageRequests) -> None:
+def add_api_routes(app: FastAPI, engine: InferenceEngine, settings: ServeSettings, images: ImageRequests, *,
+                   keyed: list[Any]) -> None:
     """POST /v1/classify, POST /v1/embed and GET /v1/model (behind the API key when there is one)."""
-    keyed = [Depends(api_key_check(settings.api_key))]
 
     @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS, openapi_extra=IMAGE_BODY,
               dependencies=keyed, summary="Top-k classes of one image")
@@ -284,14 +345,22 @@ def add_api_routes(app: FastAPI, engine: InferenceEngine, settings: ServeSetting
     @app.get("/v1/model", response_model=ModelInfo, dependencies=keyed,
              responses={401: ERRORS[401]}, summary="What is being served")
     async def model_info():
-        return ModelInfo(architecture=engine.name, num_classes=engine.num_classes, labels_count=len(engine.labels),
-                         num_features=engine.num_features, input_size=[3, *engine.image_size],
-                         backend=engine.backend, precision=engine.precision, max_batch=settings.max_batch,
-                         max_wait_ms=settings.max_wait_ms)
+        return info
+
+    info = ModelInfo(architecture=engine.name, model_name=settings.model_name or engine.name,
+                     num_classes=engine.num_classes, labels_count=len(engine.labels),
+                     num_features=engine.num_features, input_size=[3, *engine.image_size], backend=engine.backend,
+                     precision=engine.precision, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                     labels=engine.labels, preprocessing=Preprocessing(**engine.eval_settings),
+                     weights_fingerprint=engine.weights_fingerprint)
 
 
 def add_page_routes(app: FastAPI, metrics: Metrics) -> None:
-    """GET /healthz, /metrics, the web page at / and its static files."""
+    """GET /healthz, /metrics, /docs, the web page at / and its static files."""
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return HTMLResponse(docs_page(app.openapi()), headers=DOCS_PAGE_HEADERS)
 
     @app.get("/healthz", summary="Liveness: 200 while the server runs")
     async def healthz():
@@ -312,10 +381,11 @@ def add_page_routes(app: FastAPI, metrics: Metrics) -> None:
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
 
 
-async def read_body_in_time(request: Request, max_bytes: int, timeout_s: float) -> tuple[bytes, str]:
-    """read_image_body within timeout_s, else 408 (and the connection is closed: its body is still arriving)."""
+async def read_in_time(reading: Awaitable[B], timeout_s: float) -> B:
+    """A body read (read_image_body, read_capped_body) within timeout_s, else 408 (and the connection is closed:
+    its body is still arriving)."""
     try:
-        return await asyncio.wait_for(read_image_body(request, max_bytes), timeout_s)
+        return await asyncio.wait_for(reading, timeout_s)
     except asyncio.TimeoutError:
         raise HTTPException(408, f"the body did not arrive within {timeout_s:g} s (--body-timeout-s)",
                             headers={"Connection": "close"}) from None
@@ -328,6 +398,16 @@ async def read_image_body(request: Request, max_bytes: int) -> tuple[bytes, str]
     if ctype and not multipart and not ctype.startswith(RAW_IMAGE_TYPES):
         raise HTTPException(415, f"unsupported content type {ctype!r}: send multipart/form-data with the image in "
                                  "field `file`, or the raw image with Content-Type image/* or application/octet-stream")
+    body = await read_capped_body(request, max_bytes)
+    if not multipart:
+        if not body:
+            raise HTTPException(422, "empty body: send an image")
+        return body, "request body"
+    return await _multipart_file(request, body)
+
+
+async def read_capped_body(request: Request, max_bytes: int) -> bytes:
+    """The whole body, 413 as soon as it is known to be over max_bytes, 400 if the client leaves before its end."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise HTTPException(413, f"body of {int(declared):,} bytes is over the limit of {max_bytes:,}")
@@ -339,11 +419,7 @@ async def read_image_body(request: Request, max_bytes: int) -> tuple[bytes, str]
                 raise HTTPException(413, f"body is over the limit of {max_bytes:,} bytes")
     except ClientDisconnect:
         raise HTTPException(400, "the client disconnected before sending the whole body") from None
-    if not multipart:
-        if not body:
-            raise HTTPException(422, "empty body: send an image")
-        return bytes(body), "request body"
-    return await _multipart_file(request, bytes(body))
+    return bytes(body)
 
 
 async def _multipart_file(request: Request, body: bytes) -> tuple[bytes, str]:
@@ -378,25 +454,26 @@ def _preprocess(engine: InferenceEngine, data: bytes, name: str, max_pixels: int
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every error response, FastAPI's and Starlette's own included, is {"detail": "<one line>"}."""
+    """Every error response, FastAPI's and Starlette's own included, is {"detail": "<one line>"} (/v2: "error")."""
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), exc.headers)
+        return error_response(exc.status_code, str(exc.detail), exc.headers, path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "; ".join(_validation_text(e) for e in exc.errors()) or "invalid request")
+        return error_response(422, "; ".join(_validation_text(e) for e in exc.errors()) or "invalid request",
+                              path=request.url.path)
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
-        return error_response(500, "internal server error")
+        return error_response(500, "internal server error", path=request.url.path)
 
 
-def error_response(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    """The JSON error body of every error: {"detail": "<one line>"}."""
-    return JSONResponse({"detail": " ".join(detail.split())}, status_code=status, headers=headers)
+def error_response(status: int, detail: str, headers: dict[str, str] | None = None, *, path: str = "") -> JSONResponse:
+    """The JSON error body of every error: {"detail": "<one line>"}, or {"error": ...} under /v2 (its protocol's)."""
+    return JSONResponse(error_payload(path, detail), status_code=status, headers=headers)
 
 
 def _validation_text(error: dict[str, Any]) -> str:

@@ -46,12 +46,30 @@ class DynamicBatcher:
 
     async def submit(self, image: torch.Tensor):
         """Queue one preprocessed image; resolves to (batch output, row index). Raises QueueFull at capacity."""
-        future = asyncio.get_running_loop().create_future()
-        try:
+        (answer,) = await self.submit_many([image])
+        return answer
+
+    async def submit_many(self, images: list[torch.Tensor]) -> list:
+        """Queue images all together or none (QueueFull); resolves to one (batch output, row index) per image.
+
+        They may land in different batches. If the caller gives up (or one image fails), the images not yet
+        run are cancelled, so the batcher skips them.
+        """
+        if self.queue.maxsize and self.queue.maxsize - self.queue.qsize() < len(images):
+            raise QueueFull
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in images]
+        for image, future in zip(images, futures):
             self.queue.put_nowait((image, future))
-        except asyncio.QueueFull:
-            raise QueueFull from None
-        return await future
+        try:
+            return [await future for future in futures]
+        finally:
+            for future in futures:
+                future.cancel()  # no-op for those answered
+
+    async def warm_up(self, batch: torch.Tensor) -> object:
+        """Run one batch on the model thread, outside the queue (at start-up: first-call costs before readiness)."""
+        return await asyncio.get_running_loop().run_in_executor(self.worker, self.run_batch, batch)
 
     async def _collect(self) -> list[tuple[torch.Tensor, asyncio.Future]]:
         items = [await self.queue.get()]

@@ -10,6 +10,7 @@ import torch
 from ..backends import make_runner
 from ..model import ECANFNet, embedding_view
 from ..transforms import eval_transform
+from ..weights import weights_fingerprint
 
 
 @dataclass
@@ -33,10 +34,12 @@ class InferenceEngine:
         self.name = model.name
         self.pretrained_cfg = model.pretrained_cfg
         self.num_classes = model.num_classes
-        self.num_features = model.num_features
+        self.num_features = model.head_hidden_size  # the pooled embedding's width (2 x for catavgmax)
         self.labels = model.pretrained_cfg.readable_labels()
         self.transform = eval_transform(model.pretrained_cfg)
-        self.image_size = model.pretrained_cfg.eval_settings()["image_size"]  # (height, width)
+        self.eval_settings = model.pretrained_cfg.eval_settings()
+        self.image_size = self.eval_settings["image_size"]  # (height, width)
+        self.weights_fingerprint = weights_fingerprint(model)  # once, at start-up (/v1/model shows it)
         self.head = copy.deepcopy(model.head.fc).float().cpu().eval()
         self.runner = make_runner(embedding_view(model), backend, precision, device)
 

@@ -18,6 +18,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 BAD_REQUEST = "invalid HTTP request: malformed, or its request line and headers are over --max-header-bytes"
 BUSY = ("server busy: more than {limit} connections are open, or {limit} requests are already being handled "
         "(--max-connections)")
+V2_PREFIX = "/v2"  # the Open Inference Protocol's routes, whose errors are {"error": ...}
+
+
+def error_payload(path: str, message: str) -> dict[str, str]:
+    """The JSON body of an error on path, its message on one line: {"error": ...} under /v2, else {"detail": ...}."""
+    key = "error" if path == V2_PREFIX or path.startswith(V2_PREFIX + "/") else "detail"
+    return {key: " ".join(message.split())}
 
 
 class HeaderTimeoutProtocol(H11Protocol):
@@ -51,7 +58,7 @@ class HeaderTimeoutProtocol(H11Protocol):
 
     def send_400_response(self, msg: str) -> None:
         """A JSON 400 for a malformed request or headers over --max-header-bytes, then close."""
-        body = json.dumps({"detail": BAD_REQUEST}).encode()
+        body = json.dumps({"detail": BAD_REQUEST}).encode()  # the request line may not even have a path
         headers = _closing_json_headers(body)
         for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
                       h11.Data(data=body), h11.EndOfMessage()):
@@ -65,7 +72,7 @@ class HeaderTimeoutProtocol(H11Protocol):
         if limit is None or (len(self.connections) <= limit and len(self.tasks) <= limit):
             return await self.api_app(scope, receive, send)
         self.logger.warning("Exceeded --max-connections %d.", limit)
-        body = json.dumps({"detail": BUSY.format(limit=limit)}).encode()
+        body = json.dumps(error_payload(scope.get("path", ""), BUSY.format(limit=limit))).encode()
         await send({"type": "http.response.start", "status": 503,
                     "headers": [*_closing_json_headers(body), (b"retry-after", b"1")]})
         await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,2 +1,2 @@
 """Training with the model card's recipe: settings (config), run state and exact resume (state), image-folder data,
-AGC, and the loop (loop.train)."""
+AGC, what the model card reports (card), and the loop (loop.train)."""

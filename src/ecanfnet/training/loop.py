@@ -27,17 +27,19 @@ from ..model import ECANFNet
 from ..progress import progress as progress_reporter
 from ..transforms import eval_transform
 from ..factory import create_model
+from ..publish import write_model_card
 from ..weights import save_pretrained
 from .agc import adaptive_clip_grad_
+from .card import RunFacts
 from .config import AUTOCAST_DTYPES, Schedule, TrainConfig, describe_resolved, resolve, steps_per_epoch
 from .data import ImageFolderDataset, collate_skipping_bad, log_unreadable, read_samples, train_transform
-from .state import STATE_FILE, TrainState, check_output
-
-METRICS_FILE = "metrics.csv"
+from .state import (CURVES_NAME, METRICS_NAME, TrainState, adopt_legacy_run, check_output, forget_previous_run,
+                    state_file, training_dir)
 
 
 def train(cfg: TrainConfig, *, context: DistContext | None = None) -> Path:
-    """Run (or resume) training; returns OUT, a hub-layout folder holding the best weights and labels.
+    """Run (or resume) training; returns OUT, a folder to publish: the best weights, config.json with the labels,
+    and the model card README.md. The training state and byproducts go to OUT.training (state.training_dir).
 
     context: this process's place in a multi-process run (distributed.distributed_context); None: a lone
     process on cfg.device, no process group."""
@@ -50,16 +52,22 @@ def _run(cfg: TrainConfig, ctx: DistContext) -> Path:
     check_output(out, cfg.resume, cfg.overwrite)
     # torchrun --max-restarts starts the group again after a worker died: it carries on from the last saved epoch
     resuming = cfg.resume or restart_attempt() > 0
-    if cfg.overwrite and not resuming and ctx.rank == 0:
-        (out / STATE_FILE).unlink(missing_ok=True)  # a restart of this run must never resume the replaced one
+    if ctx.rank == 0:
+        if resuming:
+            adopt_legacy_run(out)  # a run of an earlier version, whose state is inside OUT
+        elif cfg.overwrite:
+            forget_previous_run(out)  # a restart of this run must never resume the replaced one
+    barrier()  # the other ranks read the state where rank 0 left it
     classes, train_samples, val_samples = read_samples(cfg.data, cfg.val, val_split=cfg.val_split, seed=cfg.seed)
     model = _initial_model(cfg, classes)
     steps = steps_per_epoch(cfg, len(train_samples), ctx.world)
     cfg = resolve(cfg, image_size=int(model.pretrained_cfg["input_size"][-1]), steps=steps, world=ctx.world)
     train_ds, val_ds = _datasets(cfg, model, train_samples, val_samples)
+    facts = RunFacts.of(cfg, world=ctx.world, architecture=model.name, pretrained_cfg=model.pretrained_cfg,
+                        classes=classes, train_samples=train_samples, val_samples=val_samples)
     state = TrainState.start(model, cfg, ctx)
-    if resuming and (out / STATE_FILE).is_file():
-        state.resume(out / STATE_FILE, check_settings=not cfg.resume_with_changes)
+    if resuming and state_file(out).is_file():
+        state.resume(state_file(out), check_settings=not cfg.resume_with_changes)
         say(f"resuming {out} after epoch {state.epoch}", ctx.rank)
     net, sampler = _distributed(model, train_ds, cfg.seed, ctx)
     schedule, mix = Schedule.of(cfg, steps), _batch_mixer(cfg, len(classes))
@@ -72,8 +80,10 @@ def _run(cfg: TrainConfig, ctx: DistContext) -> Path:
         if ctx.world > 1:
             _check_ranks_in_sync(state)
         if ctx.rank == 0:
-            _validate_and_save(state, val_ds, cfg, train_loss)
+            _validate_and_save(state, val_ds, cfg, train_loss, facts)
         barrier()
+    if ctx.rank == 0 and state.history and (out / "model.safetensors").is_file():
+        write_model_card(out, facts.summary(state.history))  # the final card: every epoch's metrics
     return out
 
 
@@ -236,8 +246,10 @@ def _check_ranks_in_sync(state: TrainState) -> None:
     say(f"epoch {state.epoch}: {world} ranks in sync (weight checksum {values[0]:.6f})", state.context.rank)
 
 
-def _validate_and_save(state: TrainState, val_ds: ImageFolderDataset, cfg: TrainConfig, train_loss: float) -> None:
-    """Rank 0 after each epoch: validate the weights to export, keep the best, save the state, metrics, curves."""
+def _validate_and_save(state: TrainState, val_ds: ImageFolderDataset, cfg: TrainConfig, train_loss: float,
+                       facts: RunFacts) -> None:
+    """Rank 0 after each epoch: validate the weights to export; when they are the best so far save them in OUT with
+    their model card; save the training state, metrics and curves to OUT.training."""
     out, epoch, final = Path(cfg.output), state.epoch, state.final_model
     loader = DataLoader(val_ds, cfg.batch_size, collate_fn=collate_skipping_bad, num_workers=cfg.workers)
     metrics = evaluate_loader(final, loader, state.reported, device=state.device,
@@ -246,15 +258,16 @@ def _validate_and_save(state: TrainState, val_ds: ImageFolderDataset, cfg: Train
     if metrics["val_top1"] > state.best:
         state.best = metrics["val_top1"]
         save_pretrained(final, out, label_names=state.model.pretrained_cfg["label_names"])
-    state.save(out / STATE_FILE)
-    write_csv_atomically(out / METRICS_FILE, state.history, list(state.history[0]))
-    _plot_curves(out, state.history)
+        write_model_card(out, facts.summary(state.history))
+    state.save(state_file(out))
+    write_csv_atomically(training_dir(out) / METRICS_NAME, state.history, list(state.history[0]))
+    _plot_curves(training_dir(out), state.history)
     say(f"epoch {epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {metrics['val_loss']:.4f}, "
         f"top-1 {metrics['val_top1']:.3f}, top-5 {metrics['val_top5']:.3f}", state.context.rank)
 
 
-def _plot_curves(out: Path, history: list[dict[str, float]]) -> None:
-    """OUT/curves.png: train/val loss and val top-1/top-5 by epoch (skipped without matplotlib)."""
+def _plot_curves(folder: Path, history: list[dict[str, float]]) -> None:
+    """folder/curves.png: train/val loss and val top-1/top-5 by epoch (skipped without matplotlib)."""
     try:
         import matplotlib
     except ImportError:
@@ -274,5 +287,5 @@ def _plot_curves(out: Path, history: list[dict[str, float]]) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    write_atomically(out / "curves.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    write_atomically(folder / CURVES_NAME, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)

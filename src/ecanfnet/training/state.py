@@ -1,8 +1,17 @@
 """The state of a training run (TrainState): model, optimizer, gradient scaler and weight EMA, where the process
-runs, how far the run got; saved to OUT/training/last.pt after every epoch and checked when a run resumes."""
+runs, how far the run got; saved to OUT.training/last.pt after every epoch and checked when a run resumes.
+
+The layout of a run: OUT holds only what is published (README.md, config.json, model.safetensors); the training
+state and byproducts (last.pt, metrics.csv, curves.png) live beside it in OUT.training, which uploading OUT (`hf
+upload OUT`, `ecanfnet push OUT`) never includes. Versions up to 0.1 kept them inside OUT (training/last.pt,
+metrics.csv, curves.png): a resume moves them over (adopt_legacy_run), --overwrite removes them.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,15 +23,20 @@ from ..distributed import DistContext, restart_attempt
 from ..errors import TrainingError
 from ..fileio import check_output_dir, write_atomically
 from ..model import ECANFNet
+from ..publish import PUBLISH_FILES
 from ..weights import TorchLoadError, safe_torch_load, torch_error_line
 from .config import TrainConfig, changed_settings, run_settings
 
 if TYPE_CHECKING:
     from torch.optim.swa_utils import AveragedModel
 
-STATE_FILE = "training/last.pt"
-# What a run writes into OUT; finding any of them there means OUT already holds a run (see check_output).
-OUTPUT_FILES = ("config.json", "model.safetensors", STATE_FILE, "metrics.csv")
+log = logging.getLogger("ecanfnet")
+
+TRAINING_SUFFIX = ".training"               # OUT.training: the run's state and byproducts, beside OUT
+STATE_NAME, METRICS_NAME, CURVES_NAME = "last.pt", "metrics.csv", "curves.png"
+# Where versions up to 0.1 kept the state and byproducts: inside OUT (relative to it).
+LEGACY_STATE = "training/last.pt"
+LEGACY_BYPRODUCTS = (LEGACY_STATE, METRICS_NAME, CURVES_NAME)
 STATE_KEYS = ("model", "optimizer", "epoch", "best", "history")
 
 
@@ -125,24 +139,81 @@ def weight_ema(model: ECANFNet, decay: float) -> AveragedModel | None:
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
 
 
+def training_dir(out: str | os.PathLike) -> Path:
+    """OUT.training, beside OUT: where a run keeps its state and byproducts, apart from the files to publish."""
+    out = Path(out)
+    if out.name in ("", ".", ".."):  # ".", "..", "runs/..": name the folder itself
+        out = Path(os.path.abspath(out))
+    if not out.name:
+        raise TrainingError(f"{out}: name a folder for the model, not the root of the file system")
+    return out.with_name(out.name + TRAINING_SUFFIX)
+
+
+def state_file(out: str | os.PathLike) -> Path:
+    """The training state of the run in OUT: OUT.training/last.pt."""
+    return training_dir(out) / STATE_NAME
+
+
 def check_output(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse, before any work, an OUT that is a file, cannot be created, or holds a run that would be replaced."""
+    """Refuse, before any work, an OUT (or OUT.training) that is a file, cannot be created, or holds a run that
+    would be replaced."""
     if resume and overwrite:
         raise TrainingError("--resume and --overwrite contradict each other: continue OUT, or replace it")
-    try:
-        check_output_dir(out)
-    except NotADirectoryError as exc:
-        raise TrainingError(f"{out}: {exc.strerror}; name a folder for the model") from None
-    except OSError as exc:  # the nearest existing folder refuses new files (permissions, /proc, read-only mount)
-        raise TrainingError(f"{out}: {exc.strerror}") from None
-    held = [name for name in OUTPUT_FILES if (out / name).exists()]
+    for folder in (out, training_dir(out)):
+        try:
+            check_output_dir(folder)
+        except NotADirectoryError as exc:
+            raise TrainingError(f"{folder}: {exc.strerror}; name a folder for the model") from None
+        except OSError as exc:  # the nearest existing folder refuses new files (permissions, /proc, read-only mount)
+            raise TrainingError(f"{folder}: {exc.strerror}") from None
+    held = _run_files(out)
     restarted = restart_attempt() > 0  # by torchrun: OUT holds this very run's last saved epoch
     if held and not (resume or overwrite or restarted):
-        raise TrainingError(f"{out}: already holds a model or training state ({', '.join(held)}); "
+        raise TrainingError(f"{out}: already holds a model, model card or training state ({', '.join(held)}); "
                             f"pass --resume to continue that run, or --overwrite to replace it")
-    if held and resume and not restarted and not (out / STATE_FILE).exists():
-        raise TrainingError(f"{out}: holds a model ({', '.join(held)}) but no training state ({STATE_FILE}) to "
-                            f"resume; pass --overwrite to replace it with a new run")
+    if held and resume and not restarted and not (state_file(out).exists() or (out / LEGACY_STATE).exists()):
+        raise TrainingError(f"{out}: holds a model ({', '.join(held)}) but no training state "
+                            f"({state_file(out)}) to resume; pass --overwrite to replace it with a new run")
+
+
+def _run_files(out: Path) -> list[str]:
+    """The files of an earlier run found in OUT (by name) and OUT.training (by path)."""
+    inside = [name for name in (*PUBLISH_FILES, *LEGACY_BYPRODUCTS) if (out / name).exists()]
+    beside = [str(training_dir(out) / name) for name in (STATE_NAME, METRICS_NAME)
+              if (training_dir(out) / name).exists()]
+    return inside + beside
+
+
+def adopt_legacy_run(out: Path) -> None:
+    """Move the state and byproducts an earlier version left inside OUT to OUT.training, where a resume reads them
+    (only when OUT.training holds no state of its own)."""
+    legacy, target = out / LEGACY_STATE, training_dir(out)
+    if not legacy.is_file() or (target / STATE_NAME).exists():
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for name in LEGACY_BYPRODUCTS:
+        if (out / name).is_file():
+            shutil.move(out / name, target / Path(name).name)  # a rename, or a copy across file systems
+    _remove_empty_folder(legacy.parent)
+    log.info("moved the training state of an earlier version from %s to %s (OUT now holds only the files to "
+             "publish)", legacy, target / STATE_NAME)
+
+
+def forget_previous_run(out: Path) -> None:
+    """--overwrite: remove the training state (so that a restart never resumes the replaced run) and the
+    byproducts an earlier version left inside OUT; the model files are replaced as the new run saves."""
+    state_file(out).unlink(missing_ok=True)
+    for name in LEGACY_BYPRODUCTS:
+        (out / name).unlink(missing_ok=True)
+    _remove_empty_folder(out / Path(LEGACY_STATE).parent)
+
+
+def _remove_empty_folder(folder: Path) -> None:
+    """Remove folder if it exists and is empty; leave it otherwise."""
+    try:
+        folder.rmdir()
+    except OSError:  # missing, not empty, or not ours to remove
+        pass
 
 
 def read_state(path: Path) -> dict[str, Any]:
