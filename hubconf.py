@@ -12,7 +12,7 @@ import os as _os
 import sys as _sys
 
 # What the entry points need installed (torch.hub checks these before importing this file's entry points).
-dependencies = ["torch", "safetensors", "huggingface_hub"]
+dependencies = ["torch", "numpy", "safetensors", "huggingface_hub", "tqdm"]
 
 _SRC = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "src")
 if _os.path.isdir(_os.path.join(_SRC, "ecanfnet")) and _SRC not in _sys.path:

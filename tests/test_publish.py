@@ -54,7 +54,7 @@ def test_card_front_matter_names_the_published_base_weights_and_the_hub_fields()
 ])
 def test_card_names_other_starting_weights_without_leaking_local_paths(source, base_model, said):
     card = model_card(summary(base_weights=source))
-    assert front_matter(card).get("base_model") == base_model and front_matter(card)["license"] == "apache-2.0"
+    assert front_matter(card).get("base_model") == base_model and "license" not in front_matter(card)  # not ours to say
     assert said in card and "/home/me" not in card
     assert ("ImageNet-1k pretraining" in card) is False  # the ImageNet caveats belong to the published base only
 

@@ -341,17 +341,16 @@ def _cache_identity(model: ECANFNet) -> tuple[str, dict[str, str]]:
     return f"{model.name}-{fingerprint}-{digest}", metadata
 
 
-def onnx_cache_path(model: ECANFNet) -> Path:
-    """The folded network's ONNX file in cache_dir() (per weights, labels, preprocessing and ecanfnet version)."""
-    return _onnx_path(_cache_identity(model)[0])
-
-
 def _onnx_path(stem: str) -> Path:
     return cache_dir() / "onnx" / f"{stem}-opset{ONNX_OPSET}.onnx"
 
 
 def cached_onnx_export(model: ECANFNet) -> Path:
-    """The folded network's self-describing ONNX file, exported once per set of weights and metadata into cache_dir()."""
+    """The folded network's self-describing ONNX file, exported once per set of weights and metadata into cache_dir().
+
+    The entry's lock is released on return: a cache that is over its bound may evict the file before it is
+    opened (the onnxruntime backend opens it under the lock instead).
+    """
     with _onnx_entry(model) as path:
         return path
 

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import warnings
 from pathlib import Path
@@ -192,8 +193,11 @@ def _written_by_us(folder: Path) -> bool:
     try:
         if not any(folder.iterdir()):
             return True
-        with open(folder / "config.pbtxt", encoding="utf-8") as f:
-            return f.readline().rstrip("\n") == TRITON_MARKER
+        config = folder / "config.pbtxt"
+        if not stat.S_ISREG(config.lstat().st_mode):  # a FIFO would block the read, a link lead elsewhere
+            return False
+        with open(config, encoding="utf-8") as f:
+            return f.readline(len(TRITON_MARKER) + 2).rstrip("\n") == TRITON_MARKER
     except (OSError, UnicodeDecodeError):
         return False
 

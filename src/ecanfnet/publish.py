@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import socket
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -100,7 +101,9 @@ def write_model_card(folder: str | os.PathLike, run: RunSummary) -> Path:
 
 
 def _front_matter(run: RunSummary) -> str:
-    lines = ["---", "license: apache-2.0", "library_name: timm", "pipeline_tag: image-classification", "tags:",
+    # The published weights' license carries over to models fine-tuned from them; any other start is the owner's call.
+    license_line = ["license: apache-2.0"] if run.base_repo == PUBLISHED_BASE else []
+    lines = ["---", *license_line, "library_name: timm", "pipeline_tag: image-classification", "tags:",
              "- image-classification", "- timm", "- ecanfnet", f"- {run.architecture}"]
     if run.base_repo:
         lines.append(f"base_model: {run.base_repo}")
@@ -372,8 +375,13 @@ def _read_card(path: Path) -> str:
 
 
 def _check_reachable(endpoint: str, timeout: float = 5.0) -> None:
-    """PublishError unless a TCP connection to the endpoint opens within timeout (huggingface_hub would retry)."""
+    """PublishError unless a TCP connection to the endpoint opens within timeout (huggingface_hub would retry).
+
+    Behind a proxy the endpoint may be unreachable directly while the upload works: no check then.
+    """
     url = urlparse(endpoint)
+    if url.scheme in urllib.request.getproxies():
+        return
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((url.hostname or "", port), timeout=timeout):

@@ -423,7 +423,7 @@ def int8_model(model: ECANFNet, trunk: openvino.Model) -> QuantizedECANFNet:
     # Not yet written, so no file checksum: its source's fingerprint stands for it (written folders have their own).
     digest = hashlib.sha256(f"int8 of {weights_fingerprint(model)}".encode()).hexdigest()
     fc = copy.deepcopy(model.head.fc).float().cpu() if model.num_classes else None
-    return QuantizedECANFNet(trunk, fc, model.name, model.pretrained_cfg, model.num_features, digest)
+    return QuantizedECANFNet(trunk, fc, model.name, model.pretrained_cfg, model.head_hidden_size, digest)
 
 
 def _measure(model: ECANFNet, int8: QuantizedECANFNet, images: CalibrationImages,

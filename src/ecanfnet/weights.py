@@ -15,6 +15,7 @@ Sources, all through :func:`resolve_weights`:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -157,7 +158,7 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from exc
     elif path.suffix in PICKLE_SUFFIXES:
-        state = _unwrap_state_dict(safe_torch_load(path), path)
+        state = _unwrap_state_dict(safe_torch_load(path, training_checkpoint=True), path)
     else:
         raise WeightsError(f"{path}: unknown weights format {path.suffix!r}; use .safetensors, .pth, .pt, .bin, .ckpt or .pth.tar")
     _check_tensors(state, path)
@@ -185,11 +186,12 @@ class TorchLoadError(WeightsError):
         self.path, self.reason = path, reason
 
 
-def safe_torch_load(path: str | os.PathLike) -> Any:
+def safe_torch_load(path: str | os.PathLike, *, training_checkpoint: bool = False) -> Any:
     """torch.load(weights_only=True) of a torch.save file, on the CPU; TorchLoadError (one line) for anything else.
 
     Nothing in the file is run: plain pickles are refused unread, and torch's weights-only unpickler
-    refuses any Python object besides tensors and containers.
+    refuses any Python object besides tensors and containers. training_checkpoint: a file the plain load
+    refuses is tried once more with TRAINING_CHECKPOINT_GLOBALS (argparse.Namespace) allowed too.
     """
     path = Path(path)
     if not _is_torch_save_file(path):
@@ -202,12 +204,14 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
                                    "pickle, another format or a damaged file)",
                              "; only torch.save tensor checkpoints and .safetensors files are read")
     try:
-        with warnings.catch_warnings(), _training_checkpoint_globals():
-            # a second line besides the refusal, about torch internals, is not wanted
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+        return _weights_only_load(path, with_training_globals=False)
     except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, KeyError...
-        foreign = _foreign_global(path)
+        if training_checkpoint:
+            try:
+                return _weights_only_load(path, with_training_globals=True)
+            except Exception:  # noqa: BLE001 - reported below, from the plain load's error
+                pass
+        foreign = _foreign_global(path, allow_training_globals=training_checkpoint)
         if foreign:
             raise TorchLoadError(path, f"refused to load: the pickle references Python objects besides tensors "
                                        f"({foreign}), and unpickling those can run code.",
@@ -216,12 +220,22 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
         raise TorchLoadError(path, f"not a readable PyTorch checkpoint ({torch_error_line(exc)})") from exc
 
 
+def _weights_only_load(path: Path, *, with_training_globals: bool) -> Any:
+    """torch.load(weights_only=True) on the CPU, optionally with TRAINING_CHECKPOINT_GLOBALS allowed."""
+    allowance = _training_checkpoint_globals() if with_training_globals else contextlib.nullcontext()
+    with warnings.catch_warnings(), allowance:
+        # a second line besides the refusal, about torch internals, is not wanted
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
 @contextmanager
 def _training_checkpoint_globals() -> Iterator[None]:
     """torch's weights-only allowlist plus TRAINING_CHECKPOINT_GLOBALS, for one load.
 
-    torch keeps that list process-wide: the lock stops two loads from removing each other's additions, and
-    classes a caller had allowed already are left in place afterwards.
+    torch keeps that list process-wide, so while this load runs another thread's weights-only load allows them
+    too (harmless: a Namespace runs no code); the lock stops two loads from removing each other's additions,
+    and classes a caller had allowed already are left in place afterwards.
     """
     if not hasattr(torch.serialization, "safe_globals"):  # torch < 2.5: such checkpoints are refused
         yield
@@ -241,7 +255,7 @@ def _is_torch_save_file(path: Path) -> bool:
     return head.startswith(_LEGACY_PREFIXES) or tarfile.is_tarfile(path)
 
 
-def _foreign_global(path: Path, max_bytes: int = 64 * 2**20) -> str | None:
+def _foreign_global(path: Path, max_bytes: int = 64 * 2**20, *, allow_training_globals: bool = False) -> str | None:
     """The first global a checkpoint's pickles name that torch's weights-only unpickler does not allow.
 
     Reads the opcodes only (pickletools), never unpickles; for a zip checkpoint its data.pkl.
@@ -251,7 +265,8 @@ def _foreign_global(path: Path, max_bytes: int = 64 * 2**20) -> str | None:
         allowed = set(_get_allowed_globals())
     except Exception:  # noqa: BLE001 - a private torch API: without it any global is named
         allowed = set()
-    allowed.update(f"{g.__module__}.{g.__qualname__}" for g in TRAINING_CHECKPOINT_GLOBALS)
+    if allow_training_globals:
+        allowed.update(f"{g.__module__}.{g.__qualname__}" for g in TRAINING_CHECKPOINT_GLOBALS)
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:

@@ -153,7 +153,12 @@ def test_base64_json_images_and_preprocessed_pixels_match_the_binary_bytes(clien
     ({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 3, 64, 64],
                   "data": ["0"] * (3 * 64 * 64)}]}, 400, "must be 12,288 numbers"),
     ({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 3, 64, 64],
-                  "data": [float("nan")] * (3 * 64 * 64)}]}, 400, "NaN or infinite"),
+                  "data": [float("nan")] * (3 * 64 * 64)}]}, 400, "not finite"),
+    ({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 3, 64, 64],
+                  "data": [3e38] * (3 * 64 * 64)}]}, 400, "beyond +-10000"),  # would overflow the network to NaN
+    ({"inputs": [{"name": [], "datatype": "BYTES", "shape": [1], "data": ["QQ=="]}]}, 400, "unknown input"),
+    ({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": ["QQ=="]}],
+      "outputs": [{"name": {}}]}, 400, "unknown output"),
     ({"inputs": [{"name": "tensor", "datatype": "BYTES", "shape": [1], "data": ["QQ=="]}]}, 400, "unknown input"),
     ({"inputs": []}, 400, "exactly one tensor"),
     ({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1]}]}, 400, "neither data nor"),

@@ -38,6 +38,8 @@ DEFAULT_OUTPUTS = (OUTPUT_INDICES, OUTPUT_SCORES, OUTPUT_LABELS)  # when the req
 WIRE_DTYPES = {"INT64": "<i8", "FP32": "<f4"}
 HEADER_LENGTH = "inference-header-content-length"
 MAX_RANK = 8
+# Normalised pixels are within about +-3; far larger ones could only overflow the network into NaN scores.
+MAX_PIXEL_VALUE = 1e4
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ def _requested_outputs(outputs: Any, binary_default: bool) -> tuple[tuple[str, b
     chosen: dict[str, bool] = {}
     for item in outputs:
         name = item.get("name") if isinstance(item, dict) else None
-        if name not in OUTPUT_TYPES:
+        if not isinstance(name, str) or name not in OUTPUT_TYPES:
             raise bad(f"unknown output {name!r:.60}: this model gives {', '.join(OUTPUT_TYPES)}")
         if name in chosen:
             raise bad(f"output {name} is requested twice")
@@ -140,7 +142,7 @@ def _single_input(inputs: Any, binary: bytes) -> tuple[str, list[int], Any, byte
                   f"{INPUT_PIXELS!r} (FP32, preprocessed pixels)")
     tensor = inputs[0]
     name = tensor.get("name")
-    if name not in INPUT_TYPES:
+    if not isinstance(name, str) or name not in INPUT_TYPES:
         raise bad(f"unknown input {name!r:.60}: send {INPUT_BYTES!r} (BYTES, encoded images) or "
                   f"{INPUT_PIXELS!r} (FP32, preprocessed pixels)")
     if tensor.get("datatype") != INPUT_TYPES[name]:
@@ -243,9 +245,11 @@ def _pixel_array(shape: list[int], data: Any, raw: bytes | None, *, image_size: 
             raise bad("input images: data must be a list of numbers (flat, or nested as the shape)") from None
         if array.dtype.kind not in "iuf" or array.size != expected:
             raise bad(f"input images: data must be {expected:,} numbers for shape {shape}")
-    array = array.astype(np.float32).reshape(count, 3, height, width)
-    if not np.isfinite(array).all():
-        raise bad("input images holds NaN or infinite values")
+    with np.errstate(over="ignore"):  # values past float32's range become inf: refused just below
+        array = array.astype(np.float32).reshape(count, 3, height, width)
+    if not np.isfinite(array).all() or np.abs(array).max(initial=0.0) > MAX_PIXEL_VALUE:
+        raise bad(f"input images holds values that are not finite or beyond +-{MAX_PIXEL_VALUE:g} "
+                  "(normalised pixels lie within about +-3)")
     return array
 
 
@@ -267,7 +271,7 @@ def encode_infer_response(*, model_name: str, model_version: str, request_id: st
     if request_id is not None:
         head["id"] = request_id
     head["outputs"] = outputs
-    header = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode()
+    header = json.dumps(head, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
     if not chunks:
         return header, {"content-type": "application/json"}
     return header + b"".join(chunks), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}

@@ -200,10 +200,11 @@ def adopt_legacy_run(out: Path) -> None:
 
 
 def forget_previous_run(out: Path) -> None:
-    """--overwrite: remove the training state (so that a restart never resumes the replaced run) and the
-    byproducts an earlier version left inside OUT; the model files are replaced as the new run saves."""
+    """--overwrite: remove the training state (so that a restart never resumes the replaced run), the published
+    files (so that a run stopped before its first save leaves no earlier model to push) and the byproducts an
+    earlier version left inside OUT."""
     state_file(out).unlink(missing_ok=True)
-    for name in LEGACY_BYPRODUCTS:
+    for name in (*PUBLISH_FILES, *LEGACY_BYPRODUCTS):
         (out / name).unlink(missing_ok=True)
     _remove_empty_folder(out / Path(LEGACY_STATE).parent)
 
