@@ -32,7 +32,7 @@ from .console import printable
 from .distributed import DistContext, barrier, context_or_own, say
 from .errors import EmbedError
 from .factory import create_model
-from .fileio import check_output_file, write_atomically, write_json_atomically
+from .fileio import check_output_file, write_atomically, write_json_atomically, write_text_atomically
 from .files import decoded_batches
 from .model import ECANFNet, embedding_view
 from .transforms import MAX_IMAGE_PIXELS, eval_transform
@@ -408,7 +408,7 @@ def _merge(out: EmbedOutput, plan: dict[str, Any]) -> tuple[int, list[dict[str, 
 
     write_atomically(out.vectors, write_vectors)
     lines = "".join(p + "\n" for r in records for p in r["paths"])
-    write_atomically(out.paths, lambda tmp: Path(tmp).write_text(lines, encoding="utf-8", errors="surrogateescape"))
+    write_text_atomically(out.paths, lines, errors="surrogateescape")
     write_json_atomically(out.manifest, {"plan": _plan_key(plan), "count": count, "dim": plan["dim"],
                                          "vectors": out.vectors.name, "paths": out.paths.name, "errors": errors})
     _remove_parts(out)

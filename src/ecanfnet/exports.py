@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .fileio import check_output_dir, move_folder_into_place, new_dir_mode, write_atomically
+from .fileio import check_output_dir, move_folder_into_place, new_dir_mode, write_atomically, write_text_atomically
 from .folded import prepare_for_inference
 
 ONNX_OPSET = 17
@@ -241,10 +241,10 @@ def export_triton(model: nn.Module, repository: str | os.PathLike, *, model_name
     try:
         rel_error = export_onnx(model, staging / "1" / "model.onnx", size, uint8_input=uint8_input, fixed_size=True)
         labels = "".join(_LINE_BREAKS.sub(" ", label) + "\n" for label in model.pretrained_cfg.readable_labels())
-        write_atomically(staging / TRITON_LABELS_FILE, lambda tmp: Path(tmp).write_text(labels, encoding="utf-8"))
+        write_text_atomically(staging / TRITON_LABELS_FILE, labels)
         config = triton_config(folder.name, image_size=size, num_classes=model.pretrained_cfg.num_classes,
                                max_batch_size=max_batch_size, uint8_input=uint8_input, instances=instances, kind=kind)
-        write_atomically(staging / "config.pbtxt", lambda tmp: Path(tmp).write_text(config, encoding="utf-8"))
+        write_text_atomically(staging / "config.pbtxt", config)
         for path in (staging / "1", staging):
             os.chmod(path, new_dir_mode())
         move_folder_into_place(staging, folder, replaceable=lambda f: None if _written_by_us(f) else (

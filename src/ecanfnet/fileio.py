@@ -141,10 +141,14 @@ def write_csv_atomically(target: str | os.PathLike, rows: Iterable[Mapping[str, 
     return write_atomically(target, write)
 
 
+def write_text_atomically(target: str | os.PathLike, text: str, *, errors: str = "strict") -> Path:
+    """Write text as UTF-8, atomically; errors="surrogateescape" keeps undecodable path bytes as they were."""
+    return write_atomically(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", errors=errors))
+
+
 def write_json_atomically(target: str | os.PathLike, data: Any) -> Path:
     """Write data as indented UTF-8 JSON, atomically (undecodable path bytes kept via surrogateescape)."""
-    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-    return write_atomically(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", errors="surrogateescape"))
+    return write_text_atomically(target, json.dumps(data, indent=2, ensure_ascii=False) + "\n", errors="surrogateescape")
 
 
 def move_folder_into_place(staging: Path, folder: Path, *, replaceable: Callable[[Path], str | None] = lambda _: None) -> None:

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 from .console import printable
 from .errors import PublishError  # noqa: F401 (re-exported: callers catch it from here)
-from .fileio import write_atomically
+from .fileio import write_text_atomically
 
 log = logging.getLogger("ecanfnet")
 
@@ -96,8 +96,7 @@ def model_card(run: RunSummary) -> str:
 def write_model_card(folder: str | os.PathLike, run: RunSummary) -> Path:
     """Write folder/README.md for run, atomically."""
     text = model_card(run)
-    return write_atomically(Path(folder) / "README.md",
-                            lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return write_text_atomically(Path(folder) / "README.md", text)
 
 
 def _front_matter(run: RunSummary) -> str:
