@@ -8,7 +8,6 @@ pushing.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -309,16 +308,15 @@ def check_publishable(folder: str | os.PathLike) -> Path:
 
 def _check_timm_config(path: Path) -> None:
     """PublishError unless path is JSON naming the architecture and its pretrained_cfg (what timm and transformers'
-    timm wrapper need to load the folder); read up to the bound on config.json files."""
-    from .metadata import MAX_CONFIG_BYTES
+    timm wrapper need to load the folder); read as every config.json is (size-bounded, one line for bad JSON)."""
+    from .errors import WeightsError
+    from .weights import read_config_file
 
-    with path.open("rb") as f:
-        data = f.read(MAX_CONFIG_BYTES + 1)
     try:
-        config = json.loads(data) if len(data) <= MAX_CONFIG_BYTES else None
-    except (ValueError, RecursionError):
-        config = None
-    missing = [key for key in ("architecture", "pretrained_cfg") if not isinstance(config, dict) or key not in config]
+        config = read_config_file(path)
+    except WeightsError as exc:
+        raise PublishError(str(exc)) from None
+    missing = [key for key in ("architecture", "pretrained_cfg") if key not in config]
     if missing:
         raise PublishError(f"{path}: not a timm hub config (no {', '.join(missing)}); write the folder with "
                            "ecanfnet train or ecanfnet.save_pretrained")

@@ -165,11 +165,11 @@ def _check_file_size(path: Path, limit: int) -> None:
 
 def _read_int8_config(path: Path) -> dict[str, Any]:
     """config.json of an INT8 folder: the checkpoint metadata (validate_config) and a checked quantization section."""
-    from .weights import _read_config  # the size-bounded reading every config.json gets
+    from .weights import read_config_file  # the size-bounded reading every config.json gets
 
     if not path.is_file():
         raise WeightsError(f"{path}: missing (an INT8 model folder needs it)")
-    raw = _read_config(path)
+    raw = read_config_file(path)
     section = raw.get("quantization")
     if not isinstance(section, dict) or section.get("format") != FORMAT:
         raise WeightsError(f"{path}: \"quantization.format\" must be {FORMAT!r} in an INT8 model folder")

@@ -345,7 +345,7 @@ def _unwrapped_key(key: Any) -> Any:
     return key
 
 
-def _read_config(path: Path | None) -> dict[str, Any]:
+def read_config_file(path: Path | None) -> dict[str, Any]:
     """A hub config.json parsed (not yet validated) as a dict ({} when there is none), size-bounded."""
     if path is None or not path.is_file():
         return {}
@@ -366,7 +366,7 @@ def _read_config(path: Path | None) -> dict[str, Any]:
 
 def _checkpoint(weights: Path, config_path: Path | None, source: str) -> Checkpoint:
     """Read and check the weights and the config.json next to them (each error names its file)."""
-    raw = _read_config(config_path)
+    raw = read_config_file(config_path)
     if raw:  # fail fast, before reading ~100 MB of weights; checked again below against the classifier
         validate_config(raw, str(config_path))
     state = _read_weights_file(weights)
