@@ -216,3 +216,15 @@ def test_in_chans_and_global_pool_default_to_the_checkpoints(tmp_path):
     rgb = create_model(pretrained=tmp_path, in_chans=3)  # adapted back: the gray kernel repeated, divided by 3
     assert torch.allclose(rgb.stem.conv1.weight, gray.stem.conv1.weight.repeat(1, 3, 1, 1) / 3)
     assert rgb.pretrained_cfg["input_size"] == [3, 224, 224] and rgb.pretrained_cfg["mean"] == gray.pretrained_cfg["mean"] * 3
+
+
+def test_an_unreachable_hub_endpoint_is_named_unless_a_proxy_carries_the_traffic(monkeypatch):
+    from ecanfnet.testing import free_port
+    from ecanfnet.weights import endpoint_problem
+
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    closed = f"https://127.0.0.1:{free_port()}"  # nothing listens there
+    assert endpoint_problem(closed, timeout=2.0)  # e.g. "Connection refused"
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert endpoint_problem(closed, timeout=2.0) is None  # huggingface_hub goes through the proxy: not ours to judge

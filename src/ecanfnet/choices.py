@@ -15,6 +15,8 @@ SEARCH_ENGINES = ("auto", "exact", "faiss")
 # quantize: calibration images, held-out images and the agreement under which the INT8 model is refused
 # (here, free of torch, because `ecanfnet quantize --help` shows them).
 DEFAULT_SAMPLES, DEFAULT_HOLDOUT, DEFAULT_MIN_AGREEMENT = 300, 100, 0.90
+# How a weights source names a Hugging Face Hub repository (hf-hub:OWNER/REPO, as timm writes it, or hf_hub:).
+HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 # Architectures a checkpoint may name (model.CONFIGS holds their layouts).
 ARCHITECTURES = ("eca_nfnet_l0", "eca_nfnet_l1", "eca_nfnet_l2", "eca_nfnet_l3")
 # How the eval transform fits an image to the input size, and the resampling filters a checkpoint may name.

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
+from .choices import HUB_PREFIXES
 from .errors import WeightsError
 from .model import ECANFNet, ECANFNetFeatures, build_model
-from .weights import (HUB_PREFIXES, WeightsSource, adapt_checkpoint_input, default_weights_source, load_checkpoint,
+from .weights import (WeightsSource, adapt_checkpoint_input, default_weights_source, load_checkpoint,
                       resolve_weights)
 
 

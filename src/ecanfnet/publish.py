@@ -11,13 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
-from urllib.parse import urlparse
 
+from .choices import HUB_PREFIXES
 from .console import printable
 from .errors import PublishError  # noqa: F401 (re-exported: callers catch it from here)
 from .fileio import write_text_atomically
@@ -26,7 +24,6 @@ log = logging.getLogger("ecanfnet")
 
 PUBLISH_FILES = ("README.md", "config.json", "model.safetensors")  # what a push uploads: these, and only these
 PUBLISHED_BASE = "timm/eca_nfnet_l0"                                 # the published ImageNet-1k weights
-HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 REPO_PLACEHOLDER = "OWNER/REPO"  # in a card's snippets until push names the repository
 _PLACEHOLDER_NOTE = f"> Replace `{REPO_PLACEHOLDER}` with the Hub repository"  # a line push drops
 MAX_CARD_BYTES = 1 << 20         # a README.md push reads (to fill in the repository) is at most 1 MiB
@@ -372,20 +369,12 @@ def _read_card(path: Path) -> str:
 
 
 def _check_reachable(endpoint: str, timeout: float = 5.0) -> None:
-    """PublishError unless a TCP connection to the endpoint opens within timeout (huggingface_hub would retry).
+    """PublishError unless the endpoint can be reached (huggingface_hub itself would retry for long)."""
+    from .weights import endpoint_problem
 
-    Behind a proxy the endpoint may be unreachable directly while the upload works: no check then.
-    """
-    url = urlparse(endpoint)
-    if url.scheme in urllib.request.getproxies():
-        return
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname or "", port), timeout=timeout):
-            return
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-    raise PublishError(f"cannot push: no connection to {endpoint} ({reason}); pushing needs network access")
+    reason = endpoint_problem(endpoint, timeout=timeout)
+    if reason is not None:
+        raise PublishError(f"cannot push: no connection to {endpoint} ({reason}); pushing needs network access")
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:

@@ -26,6 +26,7 @@ import pickletools
 import re
 import socket
 import tarfile
+import urllib.request
 import threading
 import warnings
 import zipfile
@@ -36,6 +37,7 @@ from typing import Any, Iterator, Union
 from urllib.parse import urlparse
 
 import torch
+from .choices import HUB_PREFIXES
 from .errors import WeightsError
 from .fileio import write_atomically, write_json_atomically
 from .metadata import MAX_CONFIG_BYTES, PretrainedCfg, short_repr, validate_config
@@ -44,7 +46,6 @@ from .model import CONFIGS, ECANFNet
 WeightsSource = Union[str, os.PathLike]
 log = logging.getLogger("ecanfnet")
 
-HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 # Published ra2_in1k checkpoints; eca_nfnet_l3 was never released.
 DEFAULT_HUB_REPOS = {
     "eca_nfnet_l0": "timm/eca_nfnet_l0",
@@ -391,7 +392,7 @@ def _from_hub(repo: str, text: str) -> Checkpoint:
 
     repo_id, _, revision = repo.partition("@")
     # Without this check huggingface_hub retries each file for ~25 s before falling back to the cache.
-    cache_only = constants.HF_HUB_OFFLINE or not _endpoint_reachable(constants.ENDPOINT)
+    cache_only = constants.HF_HUB_OFFLINE or endpoint_problem(constants.ENDPOINT, timeout=3.0) is not None
     unreachable: list[WeightsError] = []
 
     def fetch(filename: str) -> Path | None:
@@ -423,15 +424,20 @@ def _from_hub(repo: str, text: str) -> Checkpoint:
     raise WeightsError(f"{text}: the repository holds neither {' nor '.join(WEIGHT_FILES)}")
 
 
-def _endpoint_reachable(endpoint: str, timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the hub endpoint opens within the timeout."""
+def endpoint_problem(endpoint: str, *, timeout: float) -> str | None:
+    """Why the hub endpoint cannot be reached (no TCP connection within timeout), or None when it can.
+
+    Behind a proxy the endpoint may be unreachable directly while huggingface_hub gets through: None then.
+    """
     url = urlparse(endpoint)
+    if url.scheme in urllib.request.getproxies():
+        return None
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((url.hostname or "", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+            return None
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
 
 
 def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
