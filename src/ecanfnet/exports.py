@@ -25,6 +25,7 @@ from torch import nn
 
 from .fileio import check_output_dir, move_folder_into_place, new_dir_mode, write_atomically, write_text_atomically
 from .folded import prepare_for_inference
+from .transforms import height_width
 
 ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -84,18 +85,13 @@ def export_network(model: nn.Module, image_size: int | Sequence[int], *,
                    uint8_input: bool = False) -> tuple[nn.Module, torch.Tensor]:
     """The folded fp32 CPU network an export writes (taking uint8 pixels with uint8_input) and a fixed example batch."""
     folded = prepare_for_inference(model, "fp32", channels_last=False, device="cpu")
-    height, width = _hw(image_size)
+    height, width = height_width(image_size)
     generator = torch.Generator().manual_seed(0)
     if not uint8_input:
         return folded, torch.randn(2, 3, height, width, generator=generator)
     settings = model.pretrained_cfg.eval_settings()
     example = torch.randint(0, 256, (2, height, width, 3), dtype=torch.uint8, generator=generator)
     return Uint8Input(folded, settings["mean"], settings["std"]).eval(), example
-
-
-def _hw(image_size: int | Sequence[int]) -> tuple[int, int]:
-    """(height, width) of an image size given as one side or as (height, width)."""
-    return (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
 
 
 def export_onnx(model: nn.Module, out: str | os.PathLike, image_size: int | Sequence[int] = 288,
@@ -108,7 +104,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, image_size: int | Sequ
     """
     net, example = export_network(model, image_size, uint8_input=uint8_input)
     if metadata is None:
-        metadata = export_metadata(model, uint8_input=uint8_input, image_size=_hw(image_size) if fixed_size else None)
+        metadata = export_metadata(model, uint8_input=uint8_input, image_size=height_width(image_size) if fixed_size else None)
     spatial = {} if fixed_size else ({1: "height", 2: "width"} if uint8_input else {2: "height", 3: "width"})
     axes = {INPUT_NAME: {0: "batch", **spatial}, OUTPUT_NAME: {0: "batch"}}
     write_atomically(out, lambda tmp: _write_onnx(net, example, tmp, axes, metadata))
@@ -235,7 +231,7 @@ def export_triton(model: nn.Module, repository: str | os.PathLike, *, model_name
         raise ValueError(f"need max_batch_size >= 0, instances >= 1 and kind in {', '.join(TRITON_KINDS)}; got "
                          f"{max_batch_size}, {instances}, {kind!r}")
     folder = check_triton_output(repository, model.name if model_name is None else model_name)
-    size = _hw(image_size or model.pretrained_cfg.eval_settings()["image_size"])
+    size = height_width(image_size or model.pretrained_cfg.eval_settings()["image_size"])
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.triton-"))
     try:

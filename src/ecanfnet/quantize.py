@@ -505,7 +505,9 @@ def write_int8_folder(output: Path, trunk: openvino.Model, model: ECANFNet, repo
 def quantize_on_random_input(model: ECANFNet, image_size: int | tuple[int, int], count: int = 16,
                              seed: int = 0) -> QuantizedECANFNet:
     """An INT8 model calibrated on random images (count of them): for timing only, its accuracy means nothing."""
-    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    from .transforms import height_width
+
+    height, width = height_width(image_size)
     rng = np.random.default_rng(seed)
     inputs = [rng.standard_normal((1, 3, height, width), dtype=np.float32) for _ in range(count)]
     return int8_model(model, quantize_trunk(model, inputs, lambda x: x))

@@ -10,7 +10,7 @@ import re
 import stat
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Union
 
@@ -385,6 +385,11 @@ MAX_RESIZE_AREA_FACTOR = 4
 _PIL_FILTERS = {name: Image.Resampling[name.upper()] for name in INTERPOLATIONS}
 
 
+def height_width(image_size: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) of an image size given as one side or as (height, width)."""
+    return (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+
+
 class EvalTransform:
     """PIL RGB image -> normalised (3, H, W) float tensor, resized and cropped as timm's eval transform does.
 
@@ -401,7 +406,7 @@ class EvalTransform:
             raise ValueError(f"interpolation must be one of {', '.join(_PIL_FILTERS)}, got {interpolation!r}")
         if crop_mode not in CROP_MODES:
             raise ValueError(f"crop_mode must be one of {', '.join(CROP_MODES)}, got {crop_mode!r}")
-        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        height, width = height_width(image_size)
         self.image_size = (int(height), int(width))
         self.scale_size = (math.floor(height / crop_pct), math.floor(width / crop_pct))
         self.crop_mode = crop_mode
