@@ -166,6 +166,14 @@ def make_runner(model: ECANFNet, backend: str = "auto", precision: str | None = 
     return Runner(fn, backend, precision, device)
 
 
+def with_flip_tta(runner: Runner) -> Runner:
+    """The runner with flip test-time augmentation: the mean of its logits for each image and its mirror image."""
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        return (runner(batch) + runner(batch.flip(-1))) / 2
+
+    return Runner(run, runner.backend, runner.precision, runner.device)
+
+
 def fastest_precision(backend: str, device: torch.device) -> str:
     """The quickest precision a float model runs at on this backend and device (an INT8 model: int8 always).
 
