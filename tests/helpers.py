@@ -83,6 +83,17 @@ def tiny_config(data: Path, out: Path, weights: Path, **overrides) -> TrainConfi
     return TrainConfig(**settings)
 
 
+def untimed_metrics(out: Path) -> list[dict[str, str]]:
+    """OUT.training/metrics.csv's rows without the timing columns, which differ between otherwise equal runs."""
+    import csv
+
+    from ecanfnet.training.state import training_dir
+    from ecanfnet.training.telemetry import TIMING_COLUMNS
+
+    with (training_dir(out) / "metrics.csv").open(newline="") as f:
+        return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in csv.DictReader(f)]
+
+
 # gloo on CPU even where GPUs exist (tests/training/test_cuda.py covers NCCL)
 CPU_ENV = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 

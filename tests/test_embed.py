@@ -214,6 +214,7 @@ def test_embed_files_takes_a_context_and_leaves_only_a_group_it_joined(tmp_path,
     import torch.distributed as dist
 
     import ecanfnet.embed as embed
+    import ecanfnet.shards as shards
     from ecanfnet.distributed import DistContext
     from hostile import write_pngs
 
@@ -221,8 +222,8 @@ def test_embed_files_takes_a_context_and_leaves_only_a_group_it_joined(tmp_path,
     for name in ("WORLD_SIZE", "LOCAL_RANK", "RANK"):  # not under torchrun
         monkeypatch.delenv(name, raising=False)
     groups = []
-    real_barrier = embed.barrier
-    monkeypatch.setattr(embed, "barrier", lambda: (groups.append(dist.is_initialized()), real_barrier())[1])
+    real_barrier = shards.barrier
+    monkeypatch.setattr(shards, "barrier", lambda: (groups.append(dist.is_initialized()), real_barrier())[1])
     alone = embed.embed_files(images, tmp_path / "alone.npy", weights=small_model, backend="torch", progress=False,
                               device="cpu")
     assert alone.count == 2 and groups and not any(groups)
@@ -318,6 +319,7 @@ def test_only_rank_0_reports_a_damaged_shard(capsys, caplog, tmp_path):
     import logging
 
     import ecanfnet.embed as embed
+    import ecanfnet.shards as shards
 
     out = embed.EmbedOutput(tmp_path / "emb.npy")
     plan = {"dim": 4, "shards": [["a.png"]]}
@@ -326,7 +328,7 @@ def test_only_rank_0_reports_a_damaged_shard(capsys, caplog, tmp_path):
         out.parts.mkdir(exist_ok=True)
         (out.parts / "shard-00000.json").write_text('{"paths": ["a.png"], "errors": []}')
         np.save(out.parts / "shard-00000.npy", np.zeros((1, 3), np.float32))  # one column short
-        assert not embed._shard_done(out, 0, plan, rank)
+        assert not shards.shard_done(out, 0, plan, rank)
         assert not (out.parts / "shard-00000.npy").exists() and not (out.parts / "shard-00000.json").exists()
         said = capsys.readouterr().err + caplog.text
         caplog.clear()

@@ -77,3 +77,19 @@ def test_evaluate_workers_below_zero_is_a_usage_error(value, tmp_path, capsys):
         main(["evaluate", "--data", str(tmp_path), "--workers", value])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and f"argument --workers: must be an integer >= 0, got {value}" in err, err
+
+
+def test_two_folders_for_one_class_and_a_negative_worst_are_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from ecanfnet.evaluate import evaluate_folder
+
+    cfg = build_model().pretrained_cfg.with_classes(2).replace(label_names=("cat", "dog"))
+    model = SimpleNamespace(pretrained_cfg=cfg)  # refused before any image is read or the model runs
+    for folder in ("1", "dog"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(photo_arrays()["coffee"][:32, :32]).save(tmp_path / folder / "a.png")
+    with pytest.raises(ValueError, match=r"class folders '1' and 'dog' both name class 1 of the checkpoint"):
+        evaluate_folder(model, tmp_path)
+    with pytest.raises(ValueError, match="worst must be >= 0, got -1"):
+        evaluate_folder(model, tmp_path, worst=-1)

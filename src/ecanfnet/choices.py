@@ -10,6 +10,8 @@ RUN_PRECISIONS = (*FLOAT_PRECISIONS, "int8")
 # The element type OpenVINO is asked to compute in, for the float precisions its CPU plugin runs.
 OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 DECODE_MODES = ("exact", "fast")
+# Class-activation map methods of `explain` and /v1/explain (explain.py: grad-cam's GradCAM and EigenCAM).
+EXPLAIN_METHODS = ("gradcam", "eigencam")
 # How `search` finds neighbours (auto: faiss from 100,000 vectors when it is installed, else exact).
 SEARCH_ENGINES = ("auto", "exact", "faiss")
 # quantize: calibration images, held-out images and the agreement under which the INT8 model is refused

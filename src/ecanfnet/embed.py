@@ -5,7 +5,7 @@
   - ``emb.paths.txt``  the N image paths, one per line, UTF-8;
   - ``emb.json``       the manifest: model, weights fingerprint, preprocessing, normalisation, the
                        shard plan and every file that could not be read (with the reason).
-Work happens in shards of ``shard_size`` files kept under ``emb.parts/`` until the merge: a run
+Work happens in shards of ``shard_size`` files kept under ``emb.parts/`` until the merge (shards.py): a run
 that is stopped picks up where it left off, skipping finished shards (a damaged one, e.g. truncated
 by a full disk, is embedded again). Files beside OUT.npy are only ever replaced when they are this
 tool's own earlier output (recognised by the manifest's structure and version). Under torchrun, rank r
@@ -16,7 +16,6 @@ Under torchrun the caller passes each process's DistContext (distributed.distrib
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections import Counter
@@ -28,15 +27,17 @@ import numpy as np
 import torch
 
 from .backends import make_runner
-from .console import printable
-from .distributed import DistContext, barrier, context_or_own, say
+from .distributed import DistContext, context_or_own
 from .errors import EmbedError
 from .factory import create_model
-from .fileio import check_output_file, write_atomically, write_json_atomically, write_text_atomically
+from .fileio import write_atomically, write_json_atomically, write_text_atomically
 from .files import decoded_batches
 from .model import ECANFNet, embedding_view
+from .shards import (
+    ShardedOutput, check_all_shards, is_error_list, manifest_shape_problem, model_settings, plan_key, preprocessing_of,
+    read_json_or_error, remove_parts, run_shards)
 from .transforms import MAX_IMAGE_PIXELS, eval_transform
-from .weights import WeightsSource, weights_fingerprint
+from .weights import WeightsSource
 
 log = logging.getLogger("ecanfnet")
 
@@ -44,95 +45,76 @@ MANIFEST_VERSION = 1
 
 
 @dataclass
-class EmbedOutput:
-    """Where one embedding run writes: OUT.npy and its siblings."""
+class EmbedOutput(ShardedOutput):
+    """Where one embedding run writes: OUT.npy and its siblings; a shard: its vectors (.npy), then a record (.json)."""
 
     vectors: Path
+    tool = "ecanfnet embed"
+    suffix = ".npy"
+    shard_suffixes = (".npy", ".json")
+    action = "embedding"
+    error = EmbedError
 
     def __post_init__(self) -> None:
         self.vectors = Path(self.vectors)
-        if self.vectors.suffix != ".npy":
-            raise EmbedError(f"{self.vectors}: the output must be a .npy file name (e.g. embeddings.npy)")
+        self.check_suffix()
 
-    def sibling(self, suffix: str) -> Path:
-        """OUT with .npy replaced by suffix (".paths.txt", ".json", ".parts")."""
-        return self.vectors.with_name(self.vectors.name[: -len(".npy")] + suffix)
+    @property
+    def target(self) -> Path:
+        return self.vectors
+
+    @property
+    def example_name(self) -> str:
+        return "embeddings.npy"
 
     @property
     def paths(self) -> Path:
         return self.sibling(".paths.txt")
 
-    @property
-    def manifest(self) -> Path:
-        return self.sibling(".json")
+    def side_files(self) -> tuple[Path, ...]:
+        return (self.manifest, self.paths)
 
-    @property
-    def parts(self) -> Path:
-        return self.sibling(".parts")
+    def guarded(self) -> tuple[Path, ...]:
+        return (self.paths,)
 
-    def check_writable(self) -> None:
-        """Refuse (EmbedError/OSError naming the file) an output that would replace what this tool did not write."""
-        for path in (self.vectors, self.manifest, self.paths):
-            if path.is_dir():
-                raise EmbedError(f"{path}: is a folder; --output must name a .npy file, beside which "
-                                 f"{self.manifest.name} and {self.paths.name} are written")
-        check_output_file(self.vectors)
-        if self.manifest.exists():
-            problem = manifest_problem_of(read_json_or_error(self.manifest))
-            if problem is not None:
-                raise EmbedError(f"{self.manifest}: exists and is not an `ecanfnet embed` manifest ({problem}); "
-                                 f"not replacing it: move it away or choose another --output")
-        elif self.paths.exists() and not (self.parts / "plan.json").is_file():  # (a merge stopped before its manifest)
-            raise EmbedError(f"{self.paths}: exists without the `ecanfnet embed` manifest {self.manifest.name} "
-                             f"beside it; not replacing it: move it away or choose another --output")
-        if self.parts.exists() and not (self.parts.is_dir() and _is_our_parts_folder(self.parts)):
-            raise EmbedError(f"{self.parts}: exists and is not an unfinished `ecanfnet embed` run (no plan.json); "
-                             f"not writing into it: move it away or choose another --output")
+    def manifest_problem(self, data: Any) -> str | None:
+        return manifest_problem_of(data)
 
-
-def read_json_or_error(path: Path) -> Any:
-    """The JSON in path, or the Exception that stopped reading it (for the *_problem* checks to report)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
-        return exc
-
-
-def _is_our_parts_folder(parts: Path) -> bool:
-    return (parts / "plan.json").is_file() or not any(parts.iterdir())
+    def shard_problem(self, i: int, plan: dict[str, Any]) -> str | None:
+        """Why shard i's files (record .json + vectors .npy) are not a complete result of its part of the plan."""
+        record_file, vectors_file = self.shard_file(i, ".json"), self.shard_file(i, ".npy")
+        record = read_json_or_error(record_file)
+        if isinstance(record, Exception):
+            return f"{record_file}: unreadable ({record})"
+        if not (isinstance(record, dict) and isinstance(record.get("paths"), list)
+                and all(isinstance(p, str) for p in record["paths"]) and is_error_list(record.get("errors"))):
+            return f"{record_file}: not a shard record"
+        done = record["paths"] + [e["path"] for e in record["errors"]]
+        if Counter(done) != Counter(plan["shards"][i]):
+            return f"{record_file}: lists other files than shard {i} of the plan"
+        try:
+            load_vectors(vectors_file, plan["dim"], rows=len(record["paths"]))
+        except EmbedError as exc:
+            return str(exc)
+        return None
 
 
 def manifest_problem_of(data: Any) -> str | None:
     """Why data is not a manifest written by this version of `ecanfnet embed` (None when it is one)."""
-    if isinstance(data, Exception):
-        return f"unreadable: {data}"
-    if not isinstance(data, dict):
-        return f"a JSON {type(data).__name__}, not an object"
-    plan = data.get("plan")
-    if not isinstance(plan, dict):
-        return "no 'plan' object"
-    if plan.get("version") != MANIFEST_VERSION:
-        return f"'plan.version' is {plan.get('version')!r}, expected {MANIFEST_VERSION}"
     expected = {"count": int, "dim": int, "vectors": str, "paths": str, "errors": list}
     expected_plan = {"dim": int, "normalize": bool, "weights_fingerprint": str, "files_sha256": str,
                      "architecture": str}
-    for where, obj, fields in (("", data, expected), ("plan.", plan, expected_plan)):
-        for key, kind in fields.items():
-            if not isinstance(obj.get(key), kind) or (kind is int and isinstance(obj.get(key), bool)):
-                return f"'{where}{key}' is missing or not {'an' if kind is int else 'a'} {kind.__name__}"
+    problem = manifest_shape_problem(data, MANIFEST_VERSION, expected, expected_plan)
+    if problem is not None:
+        return problem
+    plan = data["plan"]
     if not isinstance(plan.get("weights"), (str, type(None))):
         return "'plan.weights' is not a string"
     if data["count"] < 0 or data["dim"] < 1 or data["dim"] != plan["dim"]:
         return f"'count' {data['count']} / 'dim' {data['dim']} are not valid"
-    if not _is_error_list(data["errors"]):
+    if not is_error_list(data["errors"]):
         return "'errors' is not a list of {path, error} objects"
     return None
-
-
-def _is_error_list(value: Any) -> bool:
-    """Whether value is a list of {"path": str, "error": str} objects (the unreadable files a run reports)."""
-    return isinstance(value, list) and all(
-        isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("error"), str) for e in value)
 
 
 def load_vectors(path: Path, dim: int, rows: int | None = None, unreadable: str = "damaged or truncated",
@@ -187,12 +169,11 @@ def embed_files(paths: list[str], output: str | Path, *, weights: WeightsSource 
     out.check_writable()
     with context_or_own(context, device) as ctx:
         net = embedding_view(model if model is not None else create_model(pretrained=weights, int8_ok=True))
-        plan = _plan(paths, net, normalize, shard_size, weights if model is None else None)
+        plan = _plan(out, paths, net, normalize, shard_size, weights if model is None else None)
         if decode != "exact":  # recorded only when not the default, so earlier exact runs still resume
             plan["decode"] = decode
-        manifest = _finished_manifest(out, plan)
+        manifest = out.finished_manifest(plan, ctx.rank)
         if manifest is not None:
-            say(f"{printable(out.vectors)} is complete for these files and weights; nothing to do", ctx.rank)
             return EmbedSummary(out.vectors, manifest["count"], manifest["dim"], manifest["errors"], rank=ctx.rank)
         runner = make_runner(net, backend, precision, ctx.device, compile_batch=batch_size)
         embedder = _Embedder(runner, eval_transform(net.pretrained_cfg), net.head_hidden_size, normalize=normalize,
@@ -223,133 +204,35 @@ class _Embedder:
 def _embed_and_merge(out: EmbedOutput, plan: dict[str, Any], embedder: _Embedder, ctx: DistContext, *,
                      progress: bool) -> EmbedSummary:
     """This rank's unfinished shards (r, r + world, ...), then, once every rank is done, rank 0's merge."""
-    rank, world = ctx.rank, ctx.world
-    if rank == 0:
-        _start_or_check_parts(out, plan)
-    barrier()
-    if rank != 0:
-        _start_or_check_parts(out, plan)
-    mine = list(range(rank, len(plan["shards"]), world))
-    todo = [i for i in mine if not _shard_done(out, i, plan, rank)]
-    if len(todo) < len(mine):
-        say(f"resuming {printable(out.parts)}: {len(mine) - len(todo)} of {len(mine)} shards already done", rank)
-    bar = _progress(sum(len(plan["shards"][i]) for i in todo), progress and rank == 0)
-    for i in todo:
-        _embed_shard(out, i, plan["shards"][i], embedder, bar)
-    bar.close()
-    barrier()
-    summary = EmbedSummary(out.vectors, 0, embedder.dim, shards_embedded=len(todo),
-                           shards_reused=len(mine) - len(todo), rank=rank)
-    if rank == 0:
-        summary.count, summary.errors = _merge(out, plan)
-    barrier()
+    done, reused, merged = run_shards(
+        out, plan, ctx, lambda i, files, advance: _embed_shard(out, i, files, embedder, advance),
+        lambda: _merge(out, plan), progress=progress, desc="embed")
+    summary = EmbedSummary(out.vectors, 0, embedder.dim, shards_embedded=done, shards_reused=reused, rank=ctx.rank)
+    if merged is not None:
+        summary.count, summary.errors = merged
     return summary
 
 
-def _plan(paths: list[str], net: ECANFNet, normalize: bool, shard_size: int, weights: Any) -> dict[str, Any]:
+def _plan(out: EmbedOutput, paths: list[str], net: ECANFNet, normalize: bool, shard_size: int,
+          weights: Any) -> dict[str, Any]:
     """Everything that decides the result; a resumed run must have the same plan."""
-    if shard_size < 1:
-        raise EmbedError(f"shard_size must be at least 1, got {shard_size}")
-    listing = hashlib.sha256("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest()
-    return {
+    return out.make_plan(paths, shard_size, {
         "version": MANIFEST_VERSION,
-        "architecture": net.name,
-        "weights": _recorded_source(weights),
-        "weights_fingerprint": weights_fingerprint(net),
+        **model_settings(net, weights),
         "dim": net.head_hidden_size,
         "normalize": normalize,
-        "pretrained_cfg": {k: net.pretrained_cfg.get(k) for k in
-                           ("test_input_size", "input_size", "test_crop_pct", "crop_pct", "interpolation", "mean", "std")},
-        "files_sha256": listing,
-        "shard_size": shard_size,
-        "shards": [paths[i:i + shard_size] for i in range(0, len(paths), shard_size)],
-    }
+        "pretrained_cfg": preprocessing_of(net),
+    })
 
 
-def _recorded_source(weights: Any) -> str | None:
-    """How search finds the weights again: "published", an absolute local path, or the hub source as given."""
-    if weights is True:
-        return "published"
-    if isinstance(weights, (str, Path)):
-        return str(Path(weights).resolve()) if Path(weights).exists() else str(weights)
-    return None
-
-
-def _plan_key(plan: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in plan.items() if k != "shards"}
-
-
-def _finished_manifest(out: EmbedOutput, plan: dict[str, Any]) -> dict[str, Any] | None:
-    """The manifest of an earlier run with this same plan whose outputs are all there, else None."""
-    if not (out.manifest.is_file() and out.vectors.is_file() and out.paths.is_file()):
-        return None
-    manifest = read_json_or_error(out.manifest)
-    if manifest_problem_of(manifest) is not None or manifest.get("plan") != _plan_key(plan):
-        return None
-    return manifest
-
-
-def _start_or_check_parts(out: EmbedOutput, plan: dict[str, Any]) -> None:
-    """Create OUT.parts/plan.json, or check that the leftovers there belong to this same run."""
-    plan_file = out.parts / "plan.json"
-    if plan_file.is_file():
-        earlier = read_json_or_error(plan_file)
-        if not isinstance(earlier, dict):
-            reason = earlier if isinstance(earlier, Exception) else "not a JSON object"
-            raise EmbedError(f"{plan_file}: unreadable ({reason}); delete {out.parts} to start over")
-        if _plan_key(earlier) != _plan_key(plan):
-            changed = sorted(k for k in _plan_key(plan) if earlier.get(k) != plan.get(k))
-            raise EmbedError(f"{out.parts} holds an unfinished run with other settings ({', '.join(changed)} differ); "
-                             f"resume it with the same files and options, or delete {out.parts} to start over")
-        return
-    out.parts.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(plan_file, plan)
-
-
-def _shard_file(out: EmbedOutput, i: int, suffix: str) -> Path:
-    return out.parts / f"shard-{i:05d}{suffix}"
-
-
-def _shard_done(out: EmbedOutput, i: int, plan: dict[str, Any], rank: int) -> bool:
-    """Whether shard i is finished and intact; a damaged one is deleted (with a note) so that it is embedded again."""
-    # The .json is written after the .npy, so without it the shard was never finished.
-    if not _shard_file(out, i, ".json").is_file():
-        return False
-    problem = _shard_problem(out, i, plan)
-    if problem is None:
-        return True
-    say(f"{printable(problem)}; embedding shard {i} again", rank)
-    _shard_file(out, i, ".json").unlink(missing_ok=True)
-    _shard_file(out, i, ".npy").unlink(missing_ok=True)
-    return False
-
-
-def _shard_problem(out: EmbedOutput, i: int, plan: dict[str, Any]) -> str | None:
-    """Why shard i's files (record .json + vectors .npy) are not a complete result of its part of the plan."""
-    record_file, vectors_file = _shard_file(out, i, ".json"), _shard_file(out, i, ".npy")
-    record = read_json_or_error(record_file)
-    if isinstance(record, Exception):
-        return f"{record_file}: unreadable ({record})"
-    if not (isinstance(record, dict) and isinstance(record.get("paths"), list)
-            and all(isinstance(p, str) for p in record["paths"]) and _is_error_list(record.get("errors"))):
-        return f"{record_file}: not a shard record"
-    done = record["paths"] + [e["path"] for e in record["errors"]]
-    if Counter(done) != Counter(plan["shards"][i]):
-        return f"{record_file}: lists other files than shard {i} of the plan"
-    try:
-        load_vectors(vectors_file, plan["dim"], rows=len(record["paths"]))
-    except EmbedError as exc:
-        return str(exc)
-    return None
-
-
-def _embed_shard(out: EmbedOutput, i: int, paths: list[str], embedder: _Embedder, bar) -> None:
+def _embed_shard(out: EmbedOutput, i: int, paths: list[str], embedder: _Embedder,
+                 advance: Callable[[int], Any]) -> None:
     """Embed shard i's files into its .npy, then write its record (.json), each atomically."""
-    matrix, good, errors = embedder(paths, on_batch=bar.update)
+    matrix, good, errors = embedder(paths, on_batch=advance)
     for err in errors:
         log.info("skipped %s", err["error"])
-    write_atomically(_shard_file(out, i, ".npy"), lambda tmp: _save_npy(tmp, matrix))
-    write_json_atomically(_shard_file(out, i, ".json"), {"paths": good, "errors": errors})
+    write_atomically(out.shard_file(i, ".npy"), lambda tmp: _save_npy(tmp, matrix))
+    write_json_atomically(out.shard_file(i, ".json"), {"paths": good, "errors": errors})
 
 
 def embed_paths(paths: list[str], runner: Callable[[torch.Tensor], torch.Tensor], transform: Callable,
@@ -388,11 +271,8 @@ def _finish(vectors: torch.Tensor, normalize: bool) -> np.ndarray:
 def _merge(out: EmbedOutput, plan: dict[str, Any]) -> tuple[int, list[dict[str, str]]]:
     """Concatenate the shards into OUT.npy + OUT.paths.txt + OUT.json (each atomically), then drop OUT.parts."""
     n = len(plan["shards"])
-    for i in range(n):  # another rank's shard may have been damaged since it was written
-        problem = _shard_problem(out, i, plan)
-        if problem is not None:
-            raise EmbedError(f"{problem}; run the same command again to embed that shard again")
-    records = [json.loads(_shard_file(out, i, ".json").read_text(encoding="utf-8")) for i in range(n)]
+    check_all_shards(out, plan)
+    records = [json.loads(out.shard_file(i, ".json").read_text(encoding="utf-8")) for i in range(n)]
     count = sum(len(r["paths"]) for r in records)
     errors = [e for r in records for e in r["errors"]]
 
@@ -400,7 +280,7 @@ def _merge(out: EmbedOutput, plan: dict[str, Any]) -> tuple[int, list[dict[str, 
         merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, plan["dim"]))
         row = 0
         for i in range(n):
-            part = np.load(_shard_file(out, i, ".npy"), mmap_mode="r", allow_pickle=False)
+            part = np.load(out.shard_file(i, ".npy"), mmap_mode="r", allow_pickle=False)
             merged[row:row + len(part)] = part
             row += len(part)
         merged.flush()
@@ -409,30 +289,12 @@ def _merge(out: EmbedOutput, plan: dict[str, Any]) -> tuple[int, list[dict[str, 
     write_atomically(out.vectors, write_vectors)
     lines = "".join(p + "\n" for r in records for p in r["paths"])
     write_text_atomically(out.paths, lines, errors="surrogateescape")
-    write_json_atomically(out.manifest, {"plan": _plan_key(plan), "count": count, "dim": plan["dim"],
+    write_json_atomically(out.manifest, {"plan": plan_key(plan), "count": count, "dim": plan["dim"],
                                          "vectors": out.vectors.name, "paths": out.paths.name, "errors": errors})
-    _remove_parts(out)
+    remove_parts(out)
     return count, errors
-
-
-def _remove_parts(out: EmbedOutput) -> None:
-    """Delete this tool's files in OUT.parts (shards, plan, temp files of killed runs), then the folder if empty."""
-    for pattern in ("shard-*.npy", "shard-*.json", "plan.json", ".shard-*.tmp", ".plan.json.*.tmp"):
-        for path in out.parts.glob(pattern):
-            path.unlink(missing_ok=True)
-    try:
-        out.parts.rmdir()
-    except OSError:
-        pass  # something else is in there: not ours to delete
 
 
 def _save_npy(tmp: str, matrix: np.ndarray) -> None:
     with open(tmp, "wb") as f:
         np.save(f, matrix)
-
-
-def _progress(total: int, enabled: bool):
-    from .progress import progress
-
-    return progress(total, "embed", enabled=enabled)
-

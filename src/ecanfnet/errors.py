@@ -9,7 +9,12 @@ class BackendError(RuntimeError):
     """A backend or precision is not available here; the message says why and what to do."""
 
 
-class EmbedError(RuntimeError):
+class ShardError(RuntimeError):
+    """A resumable sharded run (embed, predict --output) that cannot start or continue, or would replace a file
+    it did not write; the message names the file and what to do."""
+
+
+class EmbedError(ShardError):
     """An embedding run or search that cannot start or continue; the message names the file and what to do."""
 
 

@@ -24,7 +24,8 @@ def test_evaluate_writes_files_only_where_asked(run_cli, tmp_path, monkeypatch):
 
     code, out, err = run_cli(*base, "--per-class-csv", str(tmp_path / "out" / "pc.csv"), "--no-progress")
     assert code == 0 and err == "" and f"per class: {tmp_path / 'out' / 'pc.csv'}" in out
-    assert (tmp_path / "out" / "pc.csv").read_text().splitlines()[0] == "class,index,images,top1,top5"
+    assert (tmp_path / "out" / "pc.csv").read_text().splitlines()[0] == \
+        "class,index,images,top1,top5,precision,recall,f1,support"
     code, out, err = run_cli(*base, "--per-class-csv", "/proc/pc.csv")
     assert code == 1 and err.count("\n") == 1 and err.startswith("ecanfnet: error: /proc/pc.csv: ")
     assert list((tmp_path / "cwd").iterdir()) == []

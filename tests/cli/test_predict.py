@@ -135,8 +135,9 @@ def test_all_good_exits_zero_and_table_is_readable(run_cli, timm_hub_folder, pho
     blocks = out.strip().split("\n")
     pngs = sorted(photo_dir.glob("*.png"))
     assert blocks[0] == str(pngs[0])
-    assert blocks[1].lstrip().startswith("1.") and "%" in blocks[1] and "[" in blocks[1]
-    assert len(blocks) == 4 * len(pngs)
+    assert blocks[1].lstrip().startswith("label: ") and "(open-set score " in blocks[1]
+    assert blocks[2].lstrip().startswith("1.") and "%" in blocks[2] and "[" in blocks[2]
+    assert len(blocks) == 5 * len(pngs)
 
 
 def test_missing_paths_fail_with_exit_1(run_cli, timm_hub_folder, tmp_path):

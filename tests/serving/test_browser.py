@@ -82,3 +82,30 @@ def test_page_asks_a_three_class_model_for_its_three_classes_and_shows_labels_as
     labels = [li.find_element(By.CLASS_NAME, "label").text for li in items]
     assert sorted(labels) == sorted([HTML_LABEL, "dog", "fish"])  # all 3, the HTML one as its literal text
     assert not browser.find_elements(By.CSS_SELECTOR, "#results img") and browser.title == title
+
+
+def test_page_explains_the_uploaded_photo_on_request(browser, server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    photo = tmp_path / "coffee.jpg"
+    photo.write_bytes(jpeg_bytes(photo_arrays()["coffee"]))
+    top = server.client.post("/v1/classify", content=photo.read_bytes(),
+                             headers={"content-type": "image/jpeg"}).json()["predictions"][0]
+    height, width = server.client.get("/v1/model").json()["input_size"][1:]
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 120)
+    wait.until(EC.text_to_be_present_in_element((By.ID, "model"), "eca_nfnet_l0"))
+    assert browser.find_element(By.ID, "explain-box").get_attribute("hidden") is not None  # nothing to explain yet
+    browser.find_element(By.ID, "file").send_keys(str(photo))
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done")
+    for method in ("gradcam", "eigencam"):
+        Select(browser.find_element(By.ID, "method")).select_by_value(method)
+        browser.find_element(By.ID, "explain").click()
+        wait.until(lambda d, m=method: d.find_element(By.TAG_NAME, "body").get_attribute("data-explained") == m)
+        overlay = browser.find_element(By.ID, "overlay")
+        assert overlay.get_attribute("hidden") is None and overlay.get_attribute("src").startswith("data:image/png")
+        assert browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]",
+                                      overlay) == [width, height]
+        assert top["label"] in browser.find_element(By.ID, "overlay-caption").text

@@ -294,3 +294,36 @@ def test_error_payload_shape_by_path():
     assert error_payload("/v2/models/x/infer", "a\nb") == {"error": "a b"}
     assert error_payload("/v2", "x") == {"error": "x"}
     assert error_payload("/v20", "x") == {"detail": "x"} and error_payload("/v1/classify", "x") == {"detail": "x"}
+
+
+def test_v1_classify_gives_the_label_and_the_open_set_score_and_v2_on_request(client, small_engine):
+    from ecanfnet.testing import photo_arrays
+    from helpers import jpeg_bytes
+
+    photo = jpeg_bytes(photo_arrays()["chelsea"])
+    body = client.post("/v1/classify", content=photo, headers={"content-type": "image/jpeg"}).json()
+    embedding = torch.tensor(client.post("/v1/embed", content=photo, headers={"content-type": "image/jpeg"}
+                                         ).json()["embedding"])
+    want = torch.cosine_similarity(embedding[None], small_engine.head.fc.weight.detach(), dim=-1).max()
+    assert body["open_set_score"] == pytest.approx(float(want), rel=1e-4, abs=1e-5)
+    assert body["label"] == body["predictions"][0]["label"] and len(body["predictions"]) == 3
+    unknown = client.post("/v1/classify?min_score=1.5", content=photo, headers={"content-type": "image/jpeg"}).json()
+    assert unknown["label"] == "unknown" and unknown["predictions"] == body["predictions"]
+    known = client.post("/v1/classify?min_score=-1", content=photo, headers={"content-type": "image/jpeg"}).json()
+    assert known["label"] == body["label"]
+    v2 = client.post(INFER, json={"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                                              "data": [base64.b64encode(photo).decode()]}],
+                                  "outputs": [{"name": "open_set_score"}]}).json()
+    (output,) = v2["outputs"]
+    assert output["name"] == "open_set_score" and output["shape"] == [1] and output["datatype"] == "FP32"
+    assert output["data"][0] == pytest.approx(body["open_set_score"], rel=1e-5)
+    default = client.post(INFER, json={"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                                                   "data": [base64.b64encode(photo).decode()]}]}).json()
+    assert "open_set_score" not in [o["name"] for o in default["outputs"]]  # only when asked for
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-Infinity", "high"])
+def test_v1_classify_refuses_a_min_score_that_is_not_a_finite_number(client, value):
+    got = client.post(f"/v1/classify?min_score={value}", content=png(), headers={"content-type": "image/png"})
+    assert got.status_code == 422 and "min_score" in got.json()["detail"], got.text
+    assert "\n" not in got.json()["detail"]

@@ -68,7 +68,7 @@ def test_tritonclient_sees_a_live_ready_server_and_its_model(triton):
     assert tensors == {"image_bytes": ("BYTES", [-1]), "images": ("FP32", [-1, 3, 288, 288]),
                        "top_k_indices": ("INT64", [-1, -1]), "top_k_scores": ("FP32", [-1, -1]),
                        "top_k_labels": ("BYTES", [-1, -1]), "embedding": ("FP32", [-1, 2304]),
-                       "probabilities": ("FP32", [-1, 1000])}
+                       "probabilities": ("FP32", [-1, 1000]), "open_set_score": ("FP32", [-1])}
 
 
 def counter(server, endpoint: str, status: int) -> float:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from ecanfnet import create_model
 from ecanfnet.training.state import state_file, training_dir
-from helpers import CPU_ENV, make_image_folder, torchrun_command, torchrun_env, torchrun_train
+from helpers import CPU_ENV, make_image_folder, torchrun_command, torchrun_env, torchrun_train, untimed_metrics
 
 pytestmark = pytest.mark.slow  # processes, servers or training runs: `pytest -m "not slow"` skips them
 
@@ -44,6 +44,7 @@ def test_torchrun_two_processes_stay_in_sync_and_write_a_loadable_model(uninterr
     assert all(f"epoch {e}: 2 ranks in sync" in stderr for e in range(1, EPOCHS + 1))
     assert stderr.count(f"epoch {EPOCHS}/{EPOCHS}: train loss") == 1  # rank 0 alone reports
     assert len((training_dir(out) / "metrics.csv").read_text().splitlines()) == EPOCHS + 1
+    assert len(list((training_dir(out) / "tensorboard").iterdir())) == 1  # rank 0 alone writes events
     assert create_model(pretrained=out).pretrained_cfg["label_names"] == ["astronaut", "coffee", "rocket"]
 
 
@@ -76,7 +77,7 @@ def test_a_caller_passing_its_context_trains_bitwise_as_the_command_does(data, u
     straight = uninterrupted[0]
     a, b = load_file(straight / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (training_dir(straight) / "metrics.csv").read_text() == (training_dir(out) / "metrics.csv").read_text()
+    assert untimed_metrics(straight) == untimed_metrics(out)
 
 def worker_pids(launcher: int) -> dict[int, int]:
     """{LOCAL_RANK: pid} of the workers torchrun (pid `launcher`) runs now, read from /proc."""
@@ -171,7 +172,7 @@ def test_a_worker_killed_mid_run_is_restarted_and_the_run_ends_bitwise_as_uninte
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     a, b = (torch.load(state_file(o), weights_only=True)["model"] for o in (straight, out))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert (training_dir(straight) / "metrics.csv").read_text() == (training_dir(out) / "metrics.csv").read_text()
+    assert untimed_metrics(straight) == untimed_metrics(out)
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through /proc")

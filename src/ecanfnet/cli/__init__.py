@@ -11,15 +11,15 @@ import sys
 from typing import Sequence
 
 from .. import __version__
-from ..errors import BackendError, EmbedError, WeightsError
-from . import bench, embed, evaluate, export, predict, push, quantize, search, serve, train
+from ..errors import BackendError, ShardError, WeightsError
+from . import bench, embed, evaluate, explain, export, predict, push, quantize, search, serve, train
 from ._console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, console_log, error, os_error_text, warnings_as_lines
 from ._options import apply_fast_switch
 
 __all__ = ["build_parser", "main"]
 
 # In the order `ecanfnet --help` lists them.
-COMMANDS = (predict, bench, export, train, push, evaluate, embed, quantize, search, serve)
+COMMANDS = (predict, explain, bench, export, train, push, evaluate, embed, quantize, search, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +45,7 @@ def _run(args: argparse.Namespace) -> int:
     """The command's exit status; a library error, an interrupt or a failed write is one line on stderr."""
     try:
         return args.func(args)
-    except (WeightsError, BackendError, EmbedError) as exc:
+    except (WeightsError, BackendError, ShardError) as exc:  # ShardError: embed's EmbedError too
         error(str(exc))
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -77,9 +77,9 @@ def float_in(lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = Fal
              hi_open: bool = False) -> Callable[[str], float]:
     """argparse type factory: a finite float in [lo, hi], each end excluded when lo_open / hi_open (nan refused)."""
     if math.isinf(hi):
-        interval = f"{'>' if lo_open else '>='} {lo:g}" if math.isfinite(lo) else "finite"
+        what = f"a number {'>' if lo_open else '>='} {lo:g}" if math.isfinite(lo) else "a finite number"
     else:
-        interval = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        what = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
 
     def parse(text: str) -> float:
         try:
@@ -88,7 +88,7 @@ def float_in(lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = Fal
             value = math.nan
         inside = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
         if not (math.isfinite(value) and inside):
-            raise argparse.ArgumentTypeError(f"must be a number {interval}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
     return parse
 
@@ -134,6 +134,13 @@ def add_format_option(parser: argparse.ArgumentParser, help: str | None = None) 
 def add_progress_option(parser: argparse.ArgumentParser, help: str = "no progress bar on stderr") -> None:
     """--no-progress: no progress bars on stderr."""
     parser.add_argument("--no-progress", action="store_true", help=help)
+
+
+def add_tta_option(parser: argparse.ArgumentParser) -> None:
+    """--tta: flip test-time augmentation (the runner wrapped in backends.with_flip_tta)."""
+    parser.add_argument("--tta", action="store_true",
+                        help="flip test-time augmentation: the mean logits of each image and its mirror image "
+                             "(twice the compute)")
 
 
 def add_backend_options(parser: argparse.ArgumentParser) -> None:

@@ -39,10 +39,10 @@ EXAMPLES = (
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the serve parser."""
     s = add_command(subparsers, "serve", help="HTTP API and web page for classification and embeddings",
-                    description="Serve POST /v1/classify, POST /v1/embed, GET /v1/model, the Open Inference "
-                                "Protocol (KServe v2: /v2/health/*, /v2/models/NAME, POST /v2/models/NAME/infer), "
-                                "/healthz, /metrics, /docs and a web page at /, with requests batched "
-                                "dynamically. Needs the serve extra: pip install 'ecanfnet[serve]'.",
+                    description="Serve POST /v1/classify, POST /v1/embed, POST /v1/explain, GET /v1/model, the "
+                                "Open Inference Protocol (KServe v2: /v2/health/*, /v2/models/NAME, POST "
+                                "/v2/models/NAME/infer), /healthz, /metrics, /docs and a web page at /, with "
+                                "requests batched dynamically. Needs the serve extra: pip install 'ecanfnet[serve]'.",
                     examples=EXAMPLES)
     add_weights_option(s)
     s.add_argument("--model-name", type=model_name, default=None, metavar="NAME",
@@ -158,14 +158,16 @@ def _serve(args: argparse.Namespace, sock: socket.socket, device: torch.device, 
 
     from ..serving.app import create_app
     from ..serving.engine import InferenceEngine
+    from ..serving.explain_route import ExplainService
 
     model = load_model(args.weights)
     engine = InferenceEngine(model, args.backend, args.precision, device_for(args.device, model, device))
-    del model  # the engine keeps what it runs
+    explain = ExplainService.for_model(model, engine.runner.device)  # /v1/explain needs the eager model (autograd)
+    del model  # the engine and the explainer keep what they run
     settings = _settings(args, api_key=api_key, loopback=loopback)
     print(f"ecanfnet: serving {engine.name} ({engine.backend}, {engine.precision}) on "
           f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
-    server = uvicorn.Server(_uvicorn_config(create_app(engine, settings), args))
+    server = uvicorn.Server(_uvicorn_config(create_app(engine, settings, explain), args))
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:

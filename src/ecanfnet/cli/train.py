@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                 "SGD Nesterov, cosine decay with warm-up, AGC 0.015, label smoothing, "
                                 "RandAugment, dropout and stochastic depth. OUT becomes a folder to publish "
                                 "(best weights, config.json with the labels, README.md model card); the training "
-                                "state, metrics.csv and curves go to OUT.training beside it.",
+                                "state, metrics.csv (losses, accuracy, learning rate, time, images/s, AGC clipping), curves.png and "
+                                "TensorBoard events go to OUT.training beside it.",
                     examples=EXAMPLES)
     _add_data_options(t)
     _add_recipe_options(t)

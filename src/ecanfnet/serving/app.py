@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ..inference import check_min_score, top_label
 from ..transforms import ImageLoadError, ImageTooLarge, decode_image
 from .batcher import DynamicBatcher, QueueFull
 from .docs_page import DOCS_PAGE_HEADERS, docs_page
@@ -68,6 +69,8 @@ class Prediction(BaseModel):
 
 
 class ClassifyResponse(BaseModel):
+    label: str
+    open_set_score: float
     predictions: list[Prediction]
     model: str
     elapsed_ms: float
@@ -159,8 +162,10 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def create_app(engine: InferenceEngine, settings: ServeSettings | None = None) -> FastAPI:
-    """The FastAPI application serving engine under settings (run it with uvicorn)."""
+def create_app(engine: InferenceEngine, settings: ServeSettings | None = None, explain: Any = None) -> FastAPI:
+    """The FastAPI application serving engine under settings (run it with uvicorn); explain: an
+    explain_route.ExplainService for POST /v1/explain (None: that route answers 501)."""
+    from .explain_route import add_explain_route
     from .v2 import add_v2_routes
 
     settings = settings or ServeSettings()
@@ -175,6 +180,7 @@ def create_app(engine: InferenceEngine, settings: ServeSettings | None = None) -
     keyed = [Depends(api_key_check(settings.api_key))]
     add_api_routes(app, engine, settings, images, keyed=keyed)
     add_v2_routes(app, engine, settings, images, keyed=keyed)
+    add_explain_route(app, settings, images, explain, keyed=keyed)
     add_page_routes(app, metrics)
     return app
 
@@ -320,16 +326,26 @@ def add_api_routes(app: FastAPI, engine: InferenceEngine, settings: ServeSetting
               dependencies=keyed, summary="Top-k classes of one image")
     async def classify(request: Request, top_k: int | None = Query(
             None, description=f"classes to return, at least 1 (default {DEFAULT_TOP_K}; more than num_classes "
-                              "returns every class, as `ecanfnet predict --top-k` does)")):
+                              "returns every class, as `ecanfnet predict --top-k` does)"),
+            min_score: float | None = Query(None, description="open-set threshold: below it `label` is `unknown` "
+                                                              "(the predictions stay), as `ecanfnet predict "
+                                                              "--min-score` does")):
         if top_k is not None and top_k < 1:
             raise HTTPException(422, f"top_k must be at least 1, got {top_k}")
+        try:
+            min_score = check_min_score(min_score)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
         top_k = min(top_k or DEFAULT_TOP_K, engine.num_classes)
         start = time.perf_counter()
         output, row = await images.run(request)
         scores, indices = output.probabilities[row].topk(top_k)
         predictions = [Prediction(index=int(i), label=engine.labels[int(i)], score=float(s))
                        for s, i in zip(scores.tolist(), indices.tolist())]
-        return ClassifyResponse(predictions=predictions, model=engine.name, elapsed_ms=_ms_since(start))
+        open_set_score = float(output.open_set_scores[row])
+        return ClassifyResponse(label=top_label(predictions[0].label, open_set_score, min_score),
+                                open_set_score=open_set_score, predictions=predictions, model=engine.name,
+                                elapsed_ms=_ms_since(start))
 
     @app.post("/v1/embed", response_model=EmbedResponse, responses=ERRORS, openapi_extra=IMAGE_BODY,
               dependencies=keyed, summary="Pooled pre-logit embedding of one image")

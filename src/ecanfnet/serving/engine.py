@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 
 from ..backends import make_runner
+from ..inference import ClassHead
 from ..model import ECANFNet, embedding_view
 from ..transforms import eval_transform
 from ..weights import weights_fingerprint
@@ -15,10 +15,11 @@ from ..weights import weights_fingerprint
 
 @dataclass
 class BatchOutput:
-    """Per-image results of one batch: pooled embeddings (B, D) and class probabilities (B, C)."""
+    """Per-image results of one batch: pooled embeddings (B, D), class probabilities (B, C) and open-set scores (B,)."""
 
     embeddings: torch.Tensor
     probabilities: torch.Tensor
+    open_set_scores: torch.Tensor
 
 
 class InferenceEngine:
@@ -40,7 +41,7 @@ class InferenceEngine:
         self.eval_settings = model.pretrained_cfg.eval_settings()
         self.image_size = self.eval_settings["image_size"]  # (height, width)
         self.weights_fingerprint = weights_fingerprint(model)  # once, at start-up (/v1/model shows it)
-        self.head = copy.deepcopy(model.head.fc).float().cpu().eval()
+        self.head = ClassHead(model)
         self.runner = make_runner(embedding_view(model), backend, precision, device)
 
     @property
@@ -52,8 +53,7 @@ class InferenceEngine:
         return self.runner.precision
 
     def __call__(self, batch: torch.Tensor) -> BatchOutput:
-        """Preprocessed images (B, 3, H, W) -> embeddings and softmax probabilities."""
+        """Preprocessed images (B, 3, H, W) -> embeddings, softmax probabilities and open-set scores."""
         embeddings = self.runner(batch).float()
-        with torch.inference_mode():
-            probabilities = self.head(embeddings).softmax(dim=-1)
-        return BatchOutput(embeddings, probabilities)
+        return BatchOutput(embeddings, self.head.logits(embeddings).softmax(dim=-1),
+                           self.head.open_set_scores(embeddings))

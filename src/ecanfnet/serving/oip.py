@@ -31,9 +31,9 @@ from fastapi import HTTPException
 INPUT_BYTES, INPUT_PIXELS = "image_bytes", "images"
 INPUT_TYPES = {INPUT_BYTES: "BYTES", INPUT_PIXELS: "FP32"}
 OUTPUT_INDICES, OUTPUT_SCORES, OUTPUT_LABELS = "top_k_indices", "top_k_scores", "top_k_labels"
-OUTPUT_EMBEDDING, OUTPUT_PROBABILITIES = "embedding", "probabilities"
+OUTPUT_EMBEDDING, OUTPUT_PROBABILITIES, OUTPUT_OPEN_SET = "embedding", "probabilities", "open_set_score"
 OUTPUT_TYPES = {OUTPUT_INDICES: "INT64", OUTPUT_SCORES: "FP32", OUTPUT_LABELS: "BYTES",
-                OUTPUT_EMBEDDING: "FP32", OUTPUT_PROBABILITIES: "FP32"}
+                OUTPUT_EMBEDDING: "FP32", OUTPUT_PROBABILITIES: "FP32", OUTPUT_OPEN_SET: "FP32"}
 DEFAULT_OUTPUTS = (OUTPUT_INDICES, OUTPUT_SCORES, OUTPUT_LABELS)  # when the request names none
 WIRE_DTYPES = {"INT64": "<i8", "FP32": "<f4"}
 HEADER_LENGTH = "inference-header-content-length"

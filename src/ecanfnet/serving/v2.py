@@ -19,8 +19,8 @@ from pydantic import BaseModel
 from .app import DEFAULT_TOP_K, ImageRequests, ServeSettings, _preprocess, read_capped_body
 from .engine import InferenceEngine
 from .oip import (
-    HEADER_LENGTH, INPUT_BYTES, INPUT_PIXELS, INPUT_TYPES, OUTPUT_EMBEDDING, OUTPUT_INDICES,
-    OUTPUT_LABELS, OUTPUT_PROBABILITIES, OUTPUT_SCORES, OUTPUT_TYPES, InferRequest, encode_infer_response,
+    HEADER_LENGTH, INPUT_BYTES, INPUT_PIXELS, INPUT_TYPES, OUTPUT_EMBEDDING, OUTPUT_INDICES, OUTPUT_LABELS,
+    OUTPUT_OPEN_SET, OUTPUT_PROBABILITIES, OUTPUT_SCORES, OUTPUT_TYPES, InferRequest, encode_infer_response,
     parse_infer_request)
 
 MODEL_VERSION = "1"  # one model, one version
@@ -205,7 +205,8 @@ def _add_infer_routes(router: APIRouter, check_model, engine: InferenceEngine, s
         return Response(content, headers=headers)
 
     summary = ("Classify a batch: encoded images (input `image_bytes`, BYTES) or preprocessed pixels (input "
-               "`images`, FP32) -> top-k indices, scores and labels; embedding and probabilities on request")
+               "`images`, FP32) -> top-k indices, scores and labels; embedding, probabilities and open-set score on "
+               "request")
 
     @router.post("/models/{model_name}/infer", response_model=InferResponse, response_model_exclude_none=True,
                  dependencies=keyed, responses=V2_ERRORS, openapi_extra=INFER_BODY, summary=summary)
@@ -226,7 +227,7 @@ def model_metadata(engine: InferenceEngine, name: str) -> ModelMetadata:
     height, width = engine.image_size
     shapes = {INPUT_BYTES: [-1], INPUT_PIXELS: [-1, 3, height, width], OUTPUT_INDICES: [-1, -1],
               OUTPUT_SCORES: [-1, -1], OUTPUT_LABELS: [-1, -1], OUTPUT_EMBEDDING: [-1, engine.num_features],
-              OUTPUT_PROBABILITIES: [-1, engine.num_classes]}
+              OUTPUT_PROBABILITIES: [-1, engine.num_classes], OUTPUT_OPEN_SET: [-1]}
     return ModelMetadata(
         name=name, versions=[MODEL_VERSION], platform=PLATFORMS.get(engine.backend, engine.backend),
         inputs=[TensorMetadata(name=n, datatype=t, shape=shapes[n]) for n, t in INPUT_TYPES.items()],
@@ -268,6 +269,7 @@ def output_tensors(engine: InferenceEngine, parsed: InferRequest,
         OUTPUT_LABELS: lambda: np.array([[engine.labels[i] for i in row] for row in indices.tolist()], dtype=object),
         OUTPUT_EMBEDDING: lambda: torch.stack([output.embeddings[row] for output, row in answers]).numpy(),
         OUTPUT_PROBABILITIES: lambda: probabilities.numpy(),
+        OUTPUT_OPEN_SET: lambda: torch.stack([output.open_set_scores[row] for output, row in answers]).numpy(),
     }
     return [(name, makers[name](), binary) for name, binary in parsed.outputs]
 

@@ -45,3 +45,9 @@ def _unit_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     flat_norms = iter(torch._foreach_norm(flat) if flat else [])
     return [next(flat_norms).reshape(1) if t.ndim <= 1 else
             torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1) for t in tensors]
+
+
+def unit_count(parameters: Iterable[torch.nn.Parameter]) -> int:
+    """How many units adaptive_clip_grad_ looks at in these parameters (with gradients): the denominator of the
+    clipped fraction."""
+    return sum(p.shape[0] if p.ndim > 1 else 1 for p in parameters)

@@ -1,5 +1,6 @@
 """Fine-tuning / training with the card's recipe: SGD Nesterov, cosine with warm-up, AGC 0.015,
-label smoothing, RandAugment, dropout and stochastic depth; exact resume from epoch checkpoints.
+label smoothing, RandAugment, dropout and stochastic depth; exact resume from epoch checkpoints;
+per-epoch telemetry (metrics.csv, curves.png, TensorBoard: training/telemetry.py).
 
 Every random choice of epoch E (data order, augmentation, dropout) is seeded from (seed, E), and
 the training state is saved at the end of each epoch, so a run killed anywhere in epoch E and
@@ -9,9 +10,8 @@ resumed replays epoch E from the same state and ends with bitwise the same weigh
 from __future__ import annotations
 
 import os
-import time
 import warnings
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -22,19 +22,18 @@ from torch.utils.data import DataLoader
 from ..distributed import DistContext, barrier, context_or_own, restart_attempt, say
 from ..errors import TrainingError  # noqa: F401 (re-exported)
 from ..evaluate import evaluate_loader
-from ..fileio import write_atomically, write_csv_atomically
 from ..model import ECANFNet
 from ..progress import progress as progress_reporter
 from ..transforms import eval_transform
 from ..factory import create_model
 from ..publish import write_model_card
 from ..weights import save_pretrained
-from .agc import adaptive_clip_grad_
+from .agc import adaptive_clip_grad_, unit_count
 from .card import RunFacts
 from .config import AUTOCAST_DTYPES, Schedule, TrainConfig, describe_resolved, resolve, steps_per_epoch
 from .data import ImageFolderDataset, collate_skipping_bad, log_unreadable, read_samples, train_transform
-from .state import (CURVES_NAME, METRICS_NAME, TrainState, adopt_legacy_run, check_output, forget_previous_run,
-                    state_file, training_dir)
+from .state import TrainState, adopt_legacy_run, check_output, forget_previous_run, state_file, training_dir
+from .telemetry import EpochMeter, Recorder, recorder
 
 
 def train(cfg: TrainConfig, *, context: DistContext | None = None) -> Path:
@@ -73,15 +72,16 @@ def _run(cfg: TrainConfig, ctx: DistContext) -> Path:
     schedule, mix = Schedule.of(cfg, steps), _batch_mixer(cfg, len(classes))
     if state.epoch < cfg.epochs:  # the resolved settings, once, when there is anything left to train
         say(describe_resolved(cfg, steps, ctx.world), ctx.rank)
-    for epoch in range(state.epoch, cfg.epochs):
-        loader = _train_loader(train_ds, sampler, cfg, epoch, ctx.rank)
-        train_loss = _train_epoch(state, net, loader, cfg, schedule, mix=mix)
-        state.epoch = epoch + 1
-        if ctx.world > 1:
-            _check_ranks_in_sync(state)
-        if ctx.rank == 0:
-            _validate_and_save(state, val_ds, cfg, train_loss, facts)
-        barrier()
+    with _recorder(state, out, len(classes), cfg.epochs) as record:
+        for epoch in range(state.epoch, cfg.epochs):
+            loader = _train_loader(train_ds, sampler, cfg, epoch, ctx.rank)
+            meter = _train_epoch(state, net, loader, cfg, schedule, mix=mix)
+            state.epoch = epoch + 1
+            if ctx.world > 1:
+                _check_ranks_in_sync(state)
+            if ctx.rank == 0:
+                _validate_and_save(state, val_ds, cfg, meter, facts, record=record)
+            barrier()
     if ctx.rank == 0 and state.history and (out / "model.safetensors").is_file():
         write_model_card(out, facts.summary(state.history))  # the final card: every epoch's metrics
     return out
@@ -99,6 +99,14 @@ def _deterministic_algorithms(on: bool) -> Iterator[None]:
         yield
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _recorder(state: TrainState, out: Path, num_classes: int,
+              epochs: int) -> AbstractContextManager[Recorder | None]:
+    """Rank 0's telemetry Recorder in OUT.training while there are epochs left to train; None elsewhere."""
+    if state.context.rank != 0 or state.epoch >= epochs:
+        return nullcontext(None)
+    return recorder(training_dir(out), state.history, num_classes)
 
 
 def _initial_model(cfg: TrainConfig, classes: list[str]) -> ECANFNet:
@@ -166,12 +174,13 @@ def _train_loader(train_ds: ImageFolderDataset, sampler: Any, cfg: TrainConfig, 
 
 
 def _train_epoch(state: TrainState, net: nn.Module, loader: DataLoader, cfg: TrainConfig, schedule: Schedule, *,
-                 mix: Callable | None) -> float:
-    """One epoch; `net` is the model itself or its DistributedDataParallel wrapper. Returns the mean loss."""
+                 mix: Callable | None) -> EpochMeter:
+    """One epoch; `net` is the model itself or its DistributedDataParallel wrapper. Returns its measurements,
+    reduced over the ranks."""
     net.train()
     epoch = state.epoch
     clip_params = [p for n, p in state.model.named_parameters() if p.requires_grad and not n.startswith("head.fc")]
-    losses, seen, lr, start = [], 0, 0.0, time.perf_counter()  # losses: summed by sum(), as always (results)
+    meter = EpochMeter(agc_units=unit_count(clip_params) if cfg.agc_clip > 0 else 0)
     state.optimizer.zero_grad(set_to_none=True)
     with progress_reporter(len(loader), f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
                            enabled=cfg.progress and state.context.rank == 0) as bar:
@@ -188,14 +197,13 @@ def _train_epoch(state: TrainState, net: nn.Module, loader: DataLoader, cfg: Tra
             state.scaler.scale(loss / cfg.accum_steps).backward()
             if (i + 1) % cfg.accum_steps == 0 or i + 1 == len(loader):
                 lr = schedule.lr(epoch, i // cfg.accum_steps)
-                _optimizer_step(state, clip_params, lr, cfg.agc_clip)
-            losses.append(loss.item() * len(y))
-            seen += len(y)
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}",
-                            img_s=f"{seen / (time.perf_counter() - start):.1f}")
-    if not seen:
+                meter.step(lr, _optimizer_step(state, clip_params, lr, cfg.agc_clip))
+            meter.batch(loss.item(), len(y))
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{meter.lr:.2e}", img_s=f"{meter.images_per_s():.1f}")
+    meter.finish(state.context)  # first: all ranks then agree whether there were any images
+    if not meter.images:
         raise TrainingError(f"{cfg.data}: no readable training images in epoch {epoch + 1}")
-    return sum(losses) / seen
+    return meter
 
 
 def _loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, *, mix: Callable | None) -> torch.Tensor:
@@ -208,18 +216,19 @@ def _loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, *,
     return nn.functional.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
 
 
-def _optimizer_step(state: TrainState, clip_params: list[nn.Parameter], lr: float, agc_clip: float) -> None:
-    """Unscale the gradients, clip them (AGC), step at lr, clear them, and move the weight EMA."""
+def _optimizer_step(state: TrainState, clip_params: list[nn.Parameter], lr: float, agc_clip: float) -> int:
+    """Unscale the gradients, clip them (AGC), step at lr, clear them, and move the weight EMA; returns how many
+    gradient units AGC clipped."""
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     state.scaler.unscale_(state.optimizer)
-    if agc_clip > 0:
-        adaptive_clip_grad_(clip_params, agc_clip)
+    clipped = adaptive_clip_grad_(clip_params, agc_clip) if agc_clip > 0 else 0
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.optimizer.zero_grad(set_to_none=True)
     if state.ema is not None:
         state.ema.update_parameters(state.model)
+    return clipped
 
 
 def _finite_everywhere(loss: torch.Tensor) -> bool:
@@ -246,46 +255,20 @@ def _check_ranks_in_sync(state: TrainState) -> None:
     say(f"epoch {state.epoch}: {world} ranks in sync (weight checksum {values[0]:.6f})", state.context.rank)
 
 
-def _validate_and_save(state: TrainState, val_ds: ImageFolderDataset, cfg: TrainConfig, train_loss: float,
-                       facts: RunFacts) -> None:
+def _validate_and_save(state: TrainState, val_ds: ImageFolderDataset, cfg: TrainConfig, meter: EpochMeter,
+                       facts: RunFacts, *, record: Recorder) -> None:
     """Rank 0 after each epoch: validate the weights to export; when they are the best so far save them in OUT with
-    their model card; save the training state, metrics and curves to OUT.training."""
+    their model card; record the epoch's metrics (telemetry) and save the training state to OUT.training."""
     out, epoch, final = Path(cfg.output), state.epoch, state.final_model
     loader = DataLoader(val_ds, cfg.batch_size, collate_fn=collate_skipping_bad, num_workers=cfg.workers)
     metrics = evaluate_loader(final, loader, state.reported, device=state.device,
                               progress=f"epoch {epoch}/{cfg.epochs}: validate" if cfg.progress else None)
-    state.history.append({"epoch": epoch, "train_loss": train_loss, **metrics})
+    state.history.append({"epoch": epoch, "train_loss": meter.train_loss, **metrics, **meter.row()})
     if metrics["val_top1"] > state.best:
         state.best = metrics["val_top1"]
         save_pretrained(final, out, label_names=state.model.pretrained_cfg["label_names"])
         write_model_card(out, facts.summary(state.history))
+    record.record(state.history)  # before the state: a resume purges what a run killed in between recorded
     state.save(state_file(out))
-    write_csv_atomically(training_dir(out) / METRICS_NAME, state.history, list(state.history[0]))
-    _plot_curves(training_dir(out), state.history)
-    say(f"epoch {epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {metrics['val_loss']:.4f}, "
+    say(f"epoch {epoch}/{cfg.epochs}: train loss {meter.train_loss:.4f}, val loss {metrics['val_loss']:.4f}, "
         f"top-1 {metrics['val_top1']:.3f}, top-5 {metrics['val_top5']:.3f}", state.context.rank)
-
-
-def _plot_curves(folder: Path, history: list[dict[str, float]]) -> None:
-    """folder/curves.png: train/val loss and val top-1/top-5 by epoch (skipped without matplotlib)."""
-    try:
-        import matplotlib
-    except ImportError:
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train loss")
-    ax_loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="val loss")
-    ax_acc.plot(epochs, [r["val_top1"] for r in history], "o-", label="val top-1")
-    ax_acc.plot(epochs, [r["val_top5"] for r in history], "o-", label="val top-5")
-    for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    write_atomically(folder / CURVES_NAME, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)

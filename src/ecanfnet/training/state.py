@@ -2,7 +2,7 @@
 runs, how far the run got; saved to OUT.training/last.pt after every epoch and checked when a run resumes.
 
 The layout of a run: OUT holds only what is published (README.md, config.json, model.safetensors); the training
-state and byproducts (last.pt, metrics.csv, curves.png) live beside it in OUT.training, which uploading OUT (`hf
+state and byproducts (last.pt, metrics.csv, curves.png, tensorboard/) live beside it in OUT.training, which uploading OUT (`hf
 upload OUT`, `ecanfnet push OUT`) never includes. Versions up to 0.1 kept them inside OUT (training/last.pt,
 metrics.csv, curves.png): a resume moves them over (adopt_legacy_run), --overwrite removes them.
 """
@@ -34,6 +34,8 @@ log = logging.getLogger("ecanfnet")
 
 TRAINING_SUFFIX = ".training"               # OUT.training: the run's state and byproducts, beside OUT
 STATE_NAME, METRICS_NAME, CURVES_NAME = "last.pt", "metrics.csv", "curves.png"
+TENSORBOARD_NAME = "tensorboard"            # OUT.training/tensorboard: the run's TensorBoard event files,
+EVENTS_PREFIX = "events.out.tfevents."      # each named by this prefix, a timestamp, the host and the pid
 # Where versions up to 0.1 kept the state and byproducts: inside OUT (relative to it).
 LEGACY_STATE = "training/last.pt"
 LEGACY_BYPRODUCTS = (LEGACY_STATE, METRICS_NAME, CURVES_NAME)
@@ -200,10 +202,12 @@ def adopt_legacy_run(out: Path) -> None:
 
 
 def forget_previous_run(out: Path) -> None:
-    """--overwrite: remove the training state (so that a restart never resumes the replaced run), the published
-    files (so that a run stopped before its first save leaves no earlier model to push) and the byproducts an
-    earlier version left inside OUT."""
+    """--overwrite: remove the training state (so that a restart never resumes the replaced run), its TensorBoard
+    events (the new run's would be shown mixed with them), the published files (so that a run stopped before its
+    first save leaves no earlier model to push) and the byproducts an earlier version left inside OUT."""
     state_file(out).unlink(missing_ok=True)
+    for events in (training_dir(out) / TENSORBOARD_NAME).glob(EVENTS_PREFIX + "*"):
+        events.unlink(missing_ok=True)
     for name in (*PUBLISH_FILES, *LEGACY_BYPRODUCTS):
         (out / name).unlink(missing_ok=True)
     _remove_empty_folder(out / Path(LEGACY_STATE).parent)

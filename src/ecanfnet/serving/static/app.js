@@ -1,7 +1,9 @@
 "use strict";
 // The page: pick or drop an image, preview it, POST it to /v1/classify, show the server's default top-k
-// (5, or every class of a smaller model) with score bars. Labels come from the checkpoint: text only, never HTML.
+// (5, or every class of a smaller model) with score bars; on request ("Explain") POST it to /v1/explain and show
+// the heatmap overlay it returns. Labels come from the checkpoint: text only, never HTML.
 const $ = (id) => document.getElementById(id);
+let currentFile = null; // the image last classified, which "Explain" explains
 const keyInput = $("api-key");
 keyInput.value = sessionStorage.getItem("ecanfnet-api-key") || "";
 keyInput.addEventListener("change", () => sessionStorage.setItem("ecanfnet-api-key", keyInput.value));
@@ -60,6 +62,10 @@ async function classify(file) {
   preview.hidden = false;
   $("results").replaceChildren();
   $("latency").textContent = "";
+  currentFile = file;
+  $("overlay").hidden = true;
+  $("overlay-caption").textContent = "";
+  delete document.body.dataset.explained;
   setStatus(`classifying ${file.name}…`, false);
   const form = new FormData();
   form.append("file", file, file.name);
@@ -74,7 +80,11 @@ async function classify(file) {
     }
     showResults(body.predictions);
     const roundTrip = performance.now() - started;
-    $("latency").textContent = `server ${body.elapsed_ms.toFixed(1)} ms · round trip ${roundTrip.toFixed(1)} ms`;
+    const openSet = typeof body.open_set_score === "number" ?
+      ` · open-set score ${body.open_set_score.toFixed(3)}` : "";
+    $("latency").textContent =
+      `server ${body.elapsed_ms.toFixed(1)} ms · round trip ${roundTrip.toFixed(1)} ms${openSet}`;
+    $("explain-box").hidden = false;
     setStatus(`${file.name}: done`, false);
     document.body.dataset.state = "done";
   } catch (err) {
@@ -82,6 +92,40 @@ async function classify(file) {
   }
 }
 
+async function explain() {
+  if (!currentFile) return;
+  const file = currentFile;
+  const method = $("method").value;
+  const form = new FormData();
+  form.append("file", file, file.name);
+  $("explain").disabled = true;
+  setStatus(`explaining ${file.name}…`, false);
+  try {
+    const response = await fetch(`/v1/explain?method=${encodeURIComponent(method)}`,
+                                 { method: "POST", body: form, headers: headers() });
+    const body = await response.json();
+    if (file !== currentFile) return; // another image was chosen meanwhile
+    if (!response.ok) {
+      if (response.status === 401) $("key-box").open = true;
+      setStatus(`error ${response.status}: ${body.detail}`, true);
+      return;
+    }
+    const overlay = $("overlay");
+    overlay.src = `data:image/png;base64,${body.overlay_png}`;
+    overlay.hidden = false;
+    const name = method === "gradcam" ? "Grad-CAM" : "EigenCAM";
+    $("overlay-caption").textContent = `${name} · ${body.label} ${(100 * body.probability).toFixed(2)}% · ` +
+      `${body.width}×${body.height} crop the model saw · ${body.elapsed_ms.toFixed(0)} ms`;
+    setStatus(`${file.name}: explained`, false);
+    document.body.dataset.explained = method;
+  } catch (err) {
+    setStatus(`request failed: ${err}`, true);
+  } finally {
+    $("explain").disabled = false;
+  }
+}
+
+$("explain").addEventListener("click", explain);
 $("file").addEventListener("change", (e) => classify(e.target.files[0]));
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
