@@ -57,15 +57,15 @@ def test_each_image_gets_its_overlay_and_a_line_and_bad_ones_do_not_stop_the_bat
 
 def test_a_named_class_by_label_or_index_and_the_table_lines(run_cli, weights, images, tmp_path):
     photo = str(images / "a" / "photo.jpg")
-    code, stdout, _ = run_cli("explain", photo, "-o", str(tmp_path / "m"), "--weights", str(weights),
+    code, stdout, _ = run_cli("explain", photo, "--output", str(tmp_path / "m"), "--weights", str(weights),
                               "--class", "Espresso", "--method", "eigencam")
     assert code == 0
     assert stdout.splitlines() == [f"{photo}: espresso [1] {stdout.split()[3]} -> {tmp_path / 'm' / 'photo.png'}"]
-    code, stdout, _ = run_cli("explain", photo, "-o", str(tmp_path / "m"), "--weights", str(weights),
+    code, stdout, _ = run_cli("explain", photo, "--output", str(tmp_path / "m"), "--weights", str(weights),
                               "--class", "2", "--format", "json")
     (record,) = read_json_lines(stdout)
     assert code == 0 and (record["index"], record["label"]) == (2, "rocket")
-    code, stdout, _ = run_cli("explain", str(images / "a" / "broken.jpg"), "-o", str(tmp_path / "m"),
+    code, stdout, _ = run_cli("explain", str(images / "a" / "broken.jpg"), "--output", str(tmp_path / "m"),
                               "--weights", str(weights))
     assert code == 1 and stdout.startswith(f"{images / 'a' / 'broken.jpg'}: error: ") and len(stdout.splitlines()) == 1
 
@@ -75,7 +75,7 @@ def test_a_named_class_by_label_or_index_and_the_table_lines(run_cli, weights, i
     ("expresso", "--class: class 'expresso' is not a label of the checkpoint's 3 classes; close: 'espresso'"),
 ])
 def test_a_class_the_checkpoint_lacks_is_one_line_before_any_work(run_cli, weights, images, tmp_path, target, message):
-    code, stdout, err = run_cli("explain", str(images), "-o", str(tmp_path / "m"), "--weights", str(weights),
+    code, stdout, err = run_cli("explain", str(images), "--output", str(tmp_path / "m"), "--weights", str(weights),
                                 "--class", target)
     assert code == 2 and stdout == "" and one_error_line(err) == f"ecanfnet: error: {message}"
     assert not (tmp_path / "m").exists()
@@ -84,7 +84,7 @@ def test_a_class_the_checkpoint_lacks_is_one_line_before_any_work(run_cli, weigh
 def test_an_output_that_is_a_file_is_one_line(run_cli, weights, images, tmp_path):
     blocker = tmp_path / "taken"
     blocker.write_text("not a folder")
-    code, stdout, err = run_cli("explain", str(images), "-o", str(blocker), "--weights", str(weights))
+    code, stdout, err = run_cli("explain", str(images), "--output", str(blocker), "--weights", str(weights))
     assert code == 1 and stdout == ""
     assert one_error_line(err) == f"ecanfnet: error: {blocker}: is an existing file, not a folder"
     assert blocker.read_text() == "not a folder"
@@ -92,7 +92,7 @@ def test_an_output_that_is_a_file_is_one_line(run_cli, weights, images, tmp_path
 
 def test_a_bad_method_is_a_usage_error(run_cli, images, tmp_path):
     with pytest.raises(SystemExit) as exit_:
-        run_cli("explain", str(images), "-o", str(tmp_path / "m"), "--method", "scorecam")
+        run_cli("explain", str(images), "--output", str(tmp_path / "m"), "--method", "scorecam")
     assert exit_.value.code == 2
 
 

@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                 "model found the evidence for each image's top class or for --class. Needs the "
                                 "explain extra: pip install 'ecanfnet[explain]'.", examples=EXAMPLES)
     p.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder or glob")
-    p.add_argument("--output", "-o", required=True, metavar="DIR",
+    p.add_argument("--output", required=True, metavar="DIR",
                    help="folder for the overlays, created if missing: NAME.png after each image's name (NAME-2.png "
                         "and so on where names repeat); files of those names are replaced")
     p.add_argument("--class", dest="target", default=None, metavar="K",
