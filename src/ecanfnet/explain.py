@@ -32,7 +32,7 @@ from PIL import Image
 from torch import nn
 
 from .choices import EXPLAIN_METHODS
-from .inference import _as_rgb_image
+from .inference import as_rgb_image
 from .model import ECANFNet
 from .transforms import MAX_IMAGE_PIXELS, eval_transform, load_image
 
@@ -156,7 +156,7 @@ class Explainer:
     def _rgb(image: ImageInput, max_pixels: int) -> Image.Image:
         if isinstance(image, (str, os.PathLike)):
             return load_image(image, max_pixels)
-        return _as_rgb_image(image)
+        return as_rgb_image(image)
 
     def explain_batch(self, batch: torch.Tensor, target: int | str | None = None,
                       method: str = "gradcam") -> list[Explanation]:

@@ -100,7 +100,7 @@ class ImageResult:
                 "predictions": [asdict(p) for p in self.predictions or []]}
 
 
-def _as_rgb_image(image: Image.Image | np.ndarray) -> Image.Image:
+def as_rgb_image(image: Image.Image | np.ndarray) -> Image.Image:
     """An in-memory image prepared as a file would be (oriented_rgb); arrays must be HxWx3 or HxW uint8."""
     if isinstance(image, Image.Image):
         return oriented_rgb(image)
@@ -170,17 +170,23 @@ class Classifier:
     def results(self, names: list[str], batch: torch.Tensor, top_k: int = 5, *,
                 min_score: float | None = None) -> list[ImageResult]:
         """One ImageResult per image of a preprocessed batch: label, open-set score and top-k predictions."""
+        return self.results_and_embeddings(names, batch, top_k, min_score=min_score)[0]
+
+    def results_and_embeddings(self, names: list[str], batch: torch.Tensor, top_k: int = 5, *,
+                               min_score: float | None = None) -> tuple[list[ImageResult], torch.Tensor]:
+        """results() plus the pooled embeddings (B, D) they were computed from (one trunk pass for both)."""
         min_score = check_min_score(min_score)
         embeddings = self.trunk(batch)
         scores = self.head.open_set_scores(embeddings).tolist()
         ranked = self.top_k(self.head.logits(embeddings).softmax(dim=-1), top_k)
-        return [ImageResult(name, preds, label=top_label(preds[0].label, score, min_score), open_set_score=score)
-                for name, preds, score in zip(names, ranked, scores)]
+        results = [ImageResult(name, preds, label=top_label(preds[0].label, score, min_score), open_set_score=score)
+                   for name, preds, score in zip(names, ranked, scores)]
+        return results, embeddings
 
     def classify_images(self, images: list[Image.Image | np.ndarray], top_k: int = 5, *,
                         min_score: float | None = None) -> list[ImageResult]:
         """classify's answer with each image's label and open-set score, as ImageResults named `image N`."""
-        batch = torch.stack([self.transform(_as_rgb_image(img)) for img in images])
+        batch = torch.stack([self.transform(as_rgb_image(img)) for img in images])
         return self.results([f"image {i}" for i in range(len(images))], batch, top_k, min_score=min_score)
 
     def classify(self, images: list[Image.Image | np.ndarray], top_k: int = 5) -> list[list[Prediction]]:

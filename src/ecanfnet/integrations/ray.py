@@ -31,7 +31,7 @@ from ..backends import FASTEST
 from ..choices import BACKENDS, DECODE_MODES, RUN_PRECISIONS
 from ..errors import ImageLoadError
 from ..factory import create_model
-from ..inference import Classifier, _as_rgb_image, check_min_score, top_label
+from ..inference import Classifier, as_rgb_image, check_min_score
 from ..transforms import MAX_IMAGE_PIXELS, decode_image
 from ..weights import WeightsSource
 
@@ -126,7 +126,7 @@ class ImageClassifier:
                     return f"{name}: expected the encoded image file as bytes, got {type(value).__name__}"
                 image = decode_image(bytes(value), name, self.max_pixels, self.decode, self.min_size)
             else:
-                image = _as_rgb_image(value if isinstance(value, np.ndarray) else np.asarray(value))
+                image = as_rgb_image(value if isinstance(value, np.ndarray) else np.asarray(value))
             return self.classifier.transform(image)
         except ImageLoadError as exc:
             return str(exc)
@@ -144,14 +144,12 @@ class ImageClassifier:
                 cols["error"][i] = p
         if not good:
             return cols
-        # Classifier.results' steps, keeping the embeddings: the trunk once, then its linear head in torch.
-        clf = self.classifier
-        embeddings = clf.trunk(torch.stack([prepared[i] for i in good]))
-        open_set = clf.head.open_set_scores(embeddings).tolist()
-        ranked = clf.top_k(clf.head.logits(embeddings).softmax(dim=-1), self.k)
-        for i, preds, score in zip(good, ranked, open_set):
-            cols["label"][i] = top_label(preds[0].label, score, self.min_score)
-            cols["open_set_score"][i] = score
+        results, embeddings = self.classifier.results_and_embeddings(
+            [str(i) for i in good], torch.stack([prepared[i] for i in good]), self.k, min_score=self.min_score)
+        for i, result in zip(good, results):
+            preds = result.predictions or []
+            cols["label"][i] = result.label
+            cols["open_set_score"][i] = result.open_set_score
             cols["top_labels"][i] = [p.label for p in preds]
             cols["top_indices"][i] = [p.index for p in preds]
             cols["top_scores"][i] = [p.score for p in preds]
